@@ -1,0 +1,298 @@
+"""Pure PyTorch training and evaluation: no Ray, no printing, no files.
+
+Images travel as one uint8 tensor (N x 3 x S x S) that stays on the device
+(or in shared CPU memory); each batch is indexed, converted, augmented and
+normalized as a whole tensor, so there is no per-image Python work and no
+host synchronisation inside the loop.
+
+    optimizer = build_optimizer(cfg, model.parameters())
+    stats = train_one_epoch(model, images, labels, optimizer, loss_fn,
+                            batch_size=64, norm=norm, augment=Augment.from_config(cfg))
+    metrics = evaluate(model, val_images, val_labels, norm=norm, num_classes=10)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+class Normalizer:
+    """uint8 pixels -> float, scaled to zero mean and unit variance per channel."""
+
+    def __init__(self, mean: Iterable[float], std: Iterable[float], device: torch.device):
+        std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = mean_t / std_t
+        self.mean, self.std = mean_t, std_t
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mul_(1.0 / 255.0)
+
+    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(-self.shift, x.float(), self.scale)
+
+
+@dataclass
+class Augment:
+    """Whole-batch augmentation: horizontal flip, random resized crop, color jitter."""
+
+    flip: bool = False
+    crop_scale: float = 1.0
+    color_jitter: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Augment":
+        return cls(cfg.flip, cfg.crop_scale, cfg.color_jitter)
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.crop_scale < 1.0 or self.color_jitter > 0
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """x: float images in [0, 1], B x 3 x S x S; returns the same shape."""
+        b, dev = x.shape[0], x.device
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=gen).to(dev, non_blocking=True)
+
+        if self.crop_scale < 1.0:
+            # One affine warp per image does crop, rescale and flip together.
+            area = self.crop_scale + (1 - self.crop_scale) * rand(b)
+            ratio = torch.exp((rand(b) - 0.5) * 2 * math.log(4 / 3))
+            w = torch.sqrt(area * ratio).clamp(max=1.0)
+            h = torch.sqrt(area / ratio).clamp(max=1.0)
+            tx = (1 - w) * (2 * rand(b) - 1)
+            ty = (1 - h) * (2 * rand(b) - 1)
+            if self.flip:
+                w = torch.where(rand(b) < 0.5, -w, w)
+            zero = torch.zeros_like(w)
+            theta = torch.stack([torch.stack([w, zero, tx], 1), torch.stack([zero, h, ty], 1)], 1)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        elif self.flip:
+            x = torch.where((rand(b) < 0.5).view(b, 1, 1, 1), x.flip(3), x)
+        if self.color_jitter > 0:
+            j = self.color_jitter
+            bright = 1 + j * (2 * rand(b, 1, 1, 1) - 1)
+            contrast = 1 + j * (2 * rand(b, 1, 1, 1) - 1)
+            sat = 1 + j * (2 * rand(b, 1, 1, 1) - 1)
+            x = x * bright
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = gray + (x - gray) * sat
+            x = x.clamp_(0, 1)
+        return x
+
+
+OPTIMIZERS = {
+    "adam": lambda cfg, params: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "adamw": lambda cfg, params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "sgd": lambda cfg, params: torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+    ),
+}
+
+SCHEDULES = {
+    "none": lambda cfg, opt, epochs: None,
+    "cosine": lambda cfg, opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs)),
+    "step": lambda cfg, opt, epochs: torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma),
+}
+
+
+def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](cfg, params)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, epochs: int):
+    """Stepped once per epoch; None for a constant learning rate."""
+    return SCHEDULES[cfg.schedule](cfg, optimizer, epochs)
+
+
+def build_loss(cfg: TrainConfig, class_counts: torch.Tensor | None = None) -> nn.Module:
+    weight = None
+    if cfg.class_weighting and class_counts is not None:
+        counts = class_counts.float().clamp(min=1)
+        weight = counts.sum() / (len(counts) * counts)  # inverse frequency, mean about 1
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when asked and supported; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _batches(n: int, batch_size: int, order: torch.Tensor, min_last: int = 1):
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) < min_last:
+            break
+        yield idx
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    batch_size: int,
+    norm: Normalizer,
+    augment: Augment | None = None,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One pass over (images, labels) in a random order; returns loss, acc, images_per_sec.
+
+    `images` is uint8 on the model's device (or CPU); raises Diverged when the
+    loss is not finite.
+    """
+    device = next(model.parameters()).device
+    model.train()
+    n = len(labels)
+    order = torch.randperm(n, generator=generator).to(images.device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    # A batch of one breaks batch-norm in training mode; drop such a remainder.
+    for idx in _batches(n, batch_size, order, min_last=2 if n > 1 else 1):
+        x = images[idx].to(device, non_blocking=True)
+        y = labels[idx].to(device, non_blocking=True)
+        if augment is not None and augment.active:
+            x = norm.from_unit(augment(norm.to_unit(x), generator))
+        else:
+            x = norm(x)
+        with autocast_for(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    loss_value = total_loss.item() / max(seen, 1)
+    seconds = time.perf_counter() - start
+    if not math.isfinite(loss_value):
+        raise Diverged(f"training loss became {loss_value} (try a lower lr)")
+    return {
+        "loss": loss_value,
+        "acc": correct.item() / max(seen, 1),
+        "images_per_sec": seen / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, *, norm: Normalizer, batch_size: int = 256, amp: bool = False
+) -> torch.Tensor:
+    """Logits for every image, on the model's device, in input order."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = norm(images[start:start + batch_size].to(device, non_blocking=True))
+        with autocast_for(device, amp):
+            out.append(model(x).float())
+    if not out:
+        return torch.zeros((0, 0), device=device)
+    return torch.cat(out)
+
+
+def classification_metrics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    ages: torch.Tensor | None = None,
+    centers: list[float] | None = None,
+) -> dict[str, Any]:
+    """accuracy, one_off, macro_f1, balanced_accuracy, mae (years, None without ages), confusion."""
+    pred, target = pred.cpu().long(), target.cpu().long()
+    confusion = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(
+        num_classes, num_classes
+    )
+    tp = confusion.diag().float()
+    truth = confusion.sum(1).float()  # rows: true class
+    predicted = confusion.sum(0).float()
+    present = (truth + predicted) > 0
+    f1 = torch.where(present, 2 * tp / (truth + predicted).clamp(min=1), torch.zeros_like(tp))
+    recall = tp / truth.clamp(min=1)
+    n = max(len(target), 1)
+    mae = None
+    if ages is not None and centers is not None:
+        ages = ages.cpu().float()
+        known = ~torch.isnan(ages)
+        if known.any():
+            guess = torch.tensor(centers, dtype=torch.float32)[pred]
+            mae = (guess[known] - ages[known]).abs().mean().item()
+    return {
+        "accuracy": (tp.sum() / n).item(),
+        "one_off": ((pred - target).abs() <= 1).float().sum().item() / n,
+        "macro_f1": (f1[present].mean().item() if present.any() else 0.0),
+        "balanced_accuracy": (recall[truth > 0].mean().item() if (truth > 0).any() else 0.0),
+        "mae": mae,
+        "confusion": confusion.tolist(),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    norm: Normalizer,
+    num_classes: int,
+    loss_fn: nn.Module | None = None,
+    ages: torch.Tensor | None = None,
+    centers: list[float] | None = None,
+    batch_size: int = 256,
+    amp: bool = False,
+) -> dict[str, Any]:
+    """Loss and classification metrics of `model` on a labelled set."""
+    logits = predict_logits(model, images, norm=norm, batch_size=batch_size, amp=amp)
+    target = labels.to(logits.device)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss = loss_fn(logits, target).item() if len(target) else float("nan")
+    metrics = classification_metrics(logits.argmax(1), target, num_classes, ages, centers)
+    return {"loss": loss, **metrics}

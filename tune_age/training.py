@@ -1,0 +1,213 @@
+"""One training run over decoded data: set up, step an epoch, save and restore.
+
+Shared by `tune-age train` (`train`, below) and the Ray Tune trainable, so both
+build the model, optimizer and data tensors the same way and write the same
+checkpoint format:
+
+    run = start_run(cfg, data)
+    for _ in range(cfg.epochs):
+        metrics = run_epoch(run)     # train_* and val_* metrics
+    torch.save(checkpoint_state(run), "checkpoint.pt")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import engine
+from .config import TrainConfig
+from .data import FaceData
+from .data.groups import AgeGroups
+from .model import build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "tune_age.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    device: torch.device
+    norm: engine.Normalizer
+    augment: engine.Augment
+    generator: torch.Generator
+    groups: AgeGroups
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    fingerprint: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor that shares memory with `array` (read-only arrays from Ray's object store too)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # we never write to it
+        return torch.from_numpy(array)
+
+
+def split_tensors(data: FaceData, image_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """uint8 images, labels and ages per split; on a GPU the whole split moves once."""
+    images = as_tensor(data.images[image_size])
+    out = {}
+    for split in ("train", "val"):
+        idx = torch.as_tensor(data.splits[split], dtype=torch.long)
+        out[f"{split}_x"] = images[idx].to(device) if device.type != "cpu" else images[idx]
+        out[f"{split}_y"] = torch.as_tensor(data.labels[data.splits[split]], dtype=torch.long)
+        out[f"{split}_age"] = torch.as_tensor(data.ages[data.splits[split]], dtype=torch.float32)
+    return out
+
+
+def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = None) -> Run:
+    """Builds everything one training run needs; no epoch is run yet."""
+    device = device or engine.resolve_device(cfg.device)
+    image_size = data.resolve_size(cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, len(data.groups), image_size).to(device)
+    optimizer = engine.build_optimizer(cfg, model.parameters())
+    counts = torch.as_tensor(data.class_counts("train"))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return Run(
+        cfg=cfg,
+        model=model,
+        optimizer=optimizer,
+        scheduler=engine.build_scheduler(cfg, optimizer, cfg.epochs),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda"
+                                    and not torch.cuda.is_bf16_supported()),
+        loss_fn=engine.build_loss(cfg, counts).to(device),
+        device=device,
+        norm=engine.Normalizer(data.mean, data.std, device),
+        augment=engine.Augment.from_config(cfg),
+        generator=generator,
+        groups=data.groups,
+        image_size=image_size,
+        mean=list(data.mean),
+        std=list(data.std),
+        fingerprint=data.fingerprint,
+        tensors=split_tensors(data, image_size, device),
+    )
+
+
+def run_epoch(run: Run) -> dict[str, Any]:
+    """Trains one epoch and evaluates on the validation split; raises engine.Diverged."""
+    t = run.tensors
+    amp = run.cfg.amp
+    train = engine.train_one_epoch(
+        run.model, t["train_x"], t["train_y"], run.optimizer, run.loss_fn,
+        batch_size=run.cfg.batch_size, norm=run.norm, augment=run.augment, amp=amp,
+        scaler=run.scaler, generator=run.generator,
+    )
+    if run.scheduler is not None:
+        run.scheduler.step()
+    val = engine.evaluate(
+        run.model, t["val_x"], t["val_y"], norm=run.norm, num_classes=len(run.groups),
+        ages=t["val_age"], centers=run.groups.centers, amp=amp,
+    )
+    run.epoch += 1
+    metrics = {
+        "epoch": run.epoch,
+        "train_loss": train["loss"],
+        "train_acc": train["acc"],
+        "images_per_sec": train["images_per_sec"],
+        "epoch_seconds": train["seconds"],
+        "val_loss": val["loss"],
+        "val_acc": val["accuracy"],
+        "val_one_off": val["one_off"],
+        "val_f1": val["macro_f1"],
+        "val_balanced_acc": val["balanced_accuracy"],
+        "val_mae": val["mae"],
+        "val_confusion": val["confusion"],
+    }
+    run.history.append({k: v for k, v in metrics.items() if k != "val_confusion"})
+    return metrics
+
+
+def checkpoint_state(run: Run, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything to resume training or to predict; loads with torch.load(weights_only=True)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "scaler": run.scaler.state_dict(),
+        "rng": run.generator.get_state(),
+        "config": run.cfg.to_dict(),
+        "groups": run.groups.to_dict(),
+        "norm": {"mean": run.mean, "std": run.std},
+        "image_size": run.image_size,
+        "epoch": run.epoch,
+        "metrics": {k: v for k, v in (metrics or {}).items()},
+        "history": run.history,
+        "data_fingerprint": run.fingerprint,
+    }
+
+
+def restore_run(run: Run, state: dict[str, Any]) -> None:
+    """Continues `run` from a checkpoint written by `checkpoint_state`."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state.get("scheduler") is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.generator.set_state(state["rng"])
+    run.epoch = int(state["epoch"])
+    run.history = list(state.get("history", []))
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train(
+    cfg: TrainConfig,
+    data: FaceData,
+    out_dir: str | Path,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """`tune-age train`: runs cfg.epochs epochs, saving checkpoint.pt and best.pt in out_dir.
+
+    Returns the metrics of the best epoch (by val_acc).
+    """
+    out_dir = Path(out_dir)
+    run = start_run(cfg, data)
+    best: dict[str, Any] | None = None
+    for _ in range(cfg.epochs):
+        metrics = run_epoch(run)
+        state = checkpoint_state(run, metrics)
+        save_atomic(state, out_dir / "checkpoint.pt")
+        if best is None or metrics["val_acc"] > best["val_acc"]:
+            best = metrics
+            save_atomic(state, out_dir / "best.pt")
+        if on_epoch:
+            on_epoch(metrics)
+    return best or {}
