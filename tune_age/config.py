@@ -79,7 +79,7 @@ class _Config:
         where = f"{source}: " if source else ""
         unknown = [k for k in values if k not in cls.field_names()]
         if unknown:
-            raise ConfigError(f"{where}{_unknown_key_message(unknown[0], cls.field_names())}")
+            raise ConfigError(f"{where}{unknown_key_message(unknown[0], cls.field_names())}")
         try:
             return cls(**values)
         except ConfigError as exc:
@@ -92,7 +92,7 @@ class _Config:
         return self.from_dict({**self.to_dict(), **changes})
 
 
-def _unknown_key_message(key: str, valid: list[str]) -> str:
+def unknown_key_message(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}"
@@ -191,32 +191,6 @@ class TrainConfig(_Config):
             )
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size={self.kernel_size} must be odd (1, 3, 5, ...)")
-
-
-def seed_baseline() -> TrainConfig:
-    """The original project: 3 conv + 3 FC layers at native resolution, Adam 1e-3, batch 35."""
-    return TrainConfig(
-        arch="cnn",
-        conv_layers=3,
-        channels=6,
-        channel_growth=2.0,
-        kernel_size=5,
-        batch_norm=False,
-        pool="max",
-        head="flatten",
-        fc_layers=3,
-        fc_width=120,
-        dropout=0.0,
-        optimizer="adam",
-        lr=0.001,
-        weight_decay=0.0,
-        schedule="none",
-        batch_size=35,
-        image_size="native",
-        flip=False,
-        crop_scale=1.0,
-        color_jitter=0.0,
-    )
 
 
 @dataclass
