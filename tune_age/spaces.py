@@ -193,8 +193,16 @@ def parse_space(data: dict[str, Any], source: str, name: str = "") -> Space:
 
 
 def builtin_dir() -> Path:
-    """The shipped search_spaces folder (installed as the tune_age.search_spaces package)."""
-    return Path(str(importlib.resources.files("tune_age.search_spaces")))
+    """The shipped search_spaces folder: the source tree's, else the installed package's.
+
+    setup.cfg installs search_spaces/ as the package `tune_age.search_spaces`, so
+    names work after a non-editable install; an editable install or a checkout
+    reads the folder beside the package.
+    """
+    source_tree = Path(__file__).resolve().parent.parent / "search_spaces"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(str(importlib.resources.files("tune_age"))) / "search_spaces"
 
 
 def builtin_names() -> list[str]:
