@@ -1,0 +1,280 @@
+"""Building and running a search: data once, Optuna TPE + ASHA, Ray Tune, resume.
+
+    summary = run_search(SearchConfig(space="quick"), DataConfig())
+
+The experiment folder `<storage>/<name>` holds Ray's trial folders and
+checkpoints plus tune_age's own files: `tune_age.json` (what was asked for and
+on which data), `trials.json` (see tracking.py), `study.db` (the Optuna
+study, readable with `optuna.load_study`) and `split.csv`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DataConfig, SearchConfig, TrainConfig
+from .data import FaceData, load_data
+from .errors import ConfigError, TuneAgeError
+from .model import min_image_size
+from .spaces import Space, load_space, parse_space, seed_baseline
+from .tracking import TrialLog, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+META_FILE = "tune_age.json"
+STUDY_FILE = "study.db"
+SPLIT_FILE = "split.csv"
+DEFAULT_STORAGE = "~/tune_age_results"
+# Save Ray's experiment state at least every 2 s, so that a killed driver loses
+# at most that much bookkeeping (the default waits 10 s or more).
+CHECKPOINT_PERIOD_S = "2"
+
+
+@dataclass
+class Plan:
+    """Everything resolved before Ray starts trials."""
+
+    exp_dir: Path
+    name: str
+    space: Space
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: int
+    baseline: TrainConfig | None
+
+
+def experiment_dir(search: SearchConfig) -> tuple[Path, str]:
+    name = search.name or time.strftime("search-%Y%m%d-%H%M%S")
+    storage = Path(os.path.expanduser(search.storage or DEFAULT_STORAGE)).resolve()
+    return storage / name, name
+
+
+def make_plan(search: SearchConfig) -> Plan:
+    exp_dir, name = experiment_dir(search)
+    if search.resume:
+        if not (exp_dir / META_FILE).is_file():
+            raise TuneAgeError(
+                f"cannot resume {name!r}: {exp_dir} holds no tune_age search; "
+                "check --name and --storage, or start a new search without --resume"
+            )
+        meta = json.loads((exp_dir / META_FILE).read_text())
+        space = parse_space(meta["space"]["values"], meta["space"]["source"], meta["space"]["name"])
+        baseline = TrainConfig.from_dict(meta["baseline"]) if meta.get("baseline") else None
+        return Plan(exp_dir, name, space, meta["num_samples"], meta["max_epochs"],
+                    meta["grace_period"], meta["reduction_factor"], baseline)
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise TuneAgeError(
+            f"experiment {name!r} already exists in {exp_dir.parent}; add --resume to continue it "
+            "or choose another --name (tune_age never overwrites a search)"
+        )
+    space = load_space(search.space)
+    settings = space.settings
+    num_samples = search.num_samples or settings.get("num_samples", 10)
+    max_epochs = search.max_epochs or settings.get("max_epochs", 10)
+    use_baseline = search.baseline_first and bool(space.searched)
+    return Plan(
+        exp_dir, name, space, num_samples, max_epochs,
+        min(settings.get("grace_period", 1), max_epochs), settings.get("reduction_factor", 3),
+        seed_baseline() if use_baseline else None,
+    )
+
+
+def image_sizes(plan: Plan) -> list:
+    sizes = list(plan.space.image_sizes())
+    if plan.baseline is not None:
+        sizes.append(plan.baseline.image_size)
+    return sorted(set(sizes), key=str)
+
+
+def check_plan(plan: Plan, data: FaceData) -> None:
+    """Finds configurations that cannot be built before any trial starts."""
+    plan.space.check_buildable(data.native_size)
+    for size in image_sizes(plan):
+        data.resolve_size(size)  # "native" on images of mixed sizes fails here, clearly
+    if plan.baseline is not None:
+        size = data.resolve_size(plan.baseline.image_size)
+        if size < min_image_size(plan.baseline):
+            raise ConfigError(f"the seed baseline needs images of at least {min_image_size(plan.baseline)} px")
+
+
+def plan_resources(search: SearchConfig, cluster: dict[str, float]) -> tuple[float, float]:
+    """(cpus, gpus) per trial: one GPU each where there are GPUs, else one or two CPUs."""
+    total_cpu, total_gpu = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
+    gpus = search.gpus_per_trial if search.gpus_per_trial is not None else (1.0 if total_gpu else 0.0)
+    if gpus > total_gpu:
+        raise ConfigError(
+            f"--gpus-per-trial {gpus:g} asks for more GPUs than the {total_gpu:g} Ray sees; "
+            f"use at most {total_gpu:g}" + (" (or leave it out to train on the CPU)" if not total_gpu else "")
+        )
+    if search.cpus_per_trial is not None:
+        cpus = search.cpus_per_trial
+    elif gpus:
+        cpus = max(1.0, math.floor(total_cpu / max(1, math.floor(total_gpu / gpus))))
+    else:
+        cpus = 1.0 if total_cpu <= 4 else 2.0
+    if cpus > total_cpu:
+        raise ConfigError(f"--cpus-per-trial {cpus:g} is more than the {total_cpu:g} CPUs Ray sees")
+    return cpus, gpus
+
+
+def trial_name(trial: Any) -> str:
+    """Short trial folder names; Ray's default spells out the whole config."""
+    return f"trial_{trial.trial_id}"
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData) -> None:
+    plan.exp_dir.mkdir(parents=True, exist_ok=True)
+    import optuna
+    import ray
+
+    meta = {
+        "name": plan.name,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "search": search.to_dict(),
+        "data": data_cfg.to_dict(),
+        "space": {
+            "name": plan.space.name,
+            "source": plan.space.source,
+            "values": _space_values(plan.space),
+        },
+        "num_samples": plan.num_samples,
+        "max_epochs": plan.max_epochs,
+        "grace_period": plan.grace_period,
+        "reduction_factor": plan.reduction_factor,
+        "metric": search.metric,
+        "mode": search.mode,
+        "baseline": plan.baseline.to_dict() if plan.baseline else None,
+        "groups": data.groups.to_dict(),
+        "data_fingerprint": data.fingerprint,
+        "data_source": data.source,
+        "native_size": data.native_size,
+        "versions": {"tune_age": __version__, "ray": ray.__version__, "optuna": optuna.__version__},
+    }
+    write_json_atomic(plan.exp_dir / META_FILE, meta)
+    data.split_table().to_csv(plan.exp_dir / SPLIT_FILE, index=False)
+
+
+def _space_values(space: Space) -> dict[str, Any]:
+    """The space as YAML-style data, so a resumed search needs no space file."""
+    params = {}
+    for p in space.params.values():
+        if p.kind == "fixed":
+            params[p.name] = p.args
+        else:
+            params[p.name] = {p.kind: p.args, **({"when": p.when} if p.when else {})}
+    return {"description": space.description, "search": space.settings, "params": params}
+
+
+def run_search(
+    search: SearchConfig,
+    data_cfg: DataConfig,
+    progress: bool = True,
+) -> Path:
+    """Runs (or resumes) a search; returns the experiment folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .searcher import StudySearch
+    from .trainable import train_trial
+
+    plan = make_plan(search)
+    if search.resume:
+        meta = json.loads((plan.exp_dir / META_FILE).read_text())
+        search = SearchConfig.from_dict({**meta["search"], "resume": True,
+                                         "address": search.address, "storage": search.storage})
+        data_cfg = DataConfig.from_dict(meta["data"])
+    data = load_data(data_cfg, image_sizes(plan), progress=progress)
+    check_plan(plan, data)
+    if search.resume:
+        if data.fingerprint != meta["data_fingerprint"]:
+            raise TuneAgeError(
+                f"the data of {plan.name!r} changed since the search started ({data.source}); "
+                "resume needs the same files; start a new search for new data"
+            )
+    start_ray(search.address)
+    import ray
+
+    cpus, gpus = plan_resources(search, ray.cluster_resources())
+    say = logging.getLogger("tune_age.progress").info
+    say(f"data: {data.source}; groups: {', '.join(data.groups.names)}")
+    say(f"space: {plan.space.source} ({len(plan.space.searched)} searched parameters); "
+    f"{plan.num_samples} trials x up to {plan.max_epochs} epochs; "
+    f"{cpus:g} CPU and {gpus:g} GPU per trial")
+    say(f"experiment: {plan.exp_dir}")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs),
+        {"cpu": cpus, "gpu": gpus},
+    )
+    callbacks = [TrialLog(plan.exp_dir, search.metric, search.mode, plan.max_epochs)]
+    run_config = tune.RunConfig(
+        name=plan.name,
+        storage_path=str(plan.exp_dir.parent),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=search.metric, checkpoint_score_order=search.mode
+        ),
+        failure_config=tune.FailureConfig(max_failures=search.max_failures),
+        callbacks=callbacks,
+        verbose=0,
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
+    )
+    if search.resume:
+        tuner = tune.Tuner.restore(
+            str(plan.exp_dir), trainable, resume_unfinished=True, resume_errored=True,
+        )
+    else:
+        write_meta(plan, search, data_cfg, data)
+        searcher = StudySearch(
+            plan.space,
+            metric=search.metric,
+            mode=search.mode,
+            max_epochs=plan.max_epochs,
+            study_path=plan.exp_dir / STUDY_FILE,
+            study_name=plan.name,
+            seed=search.seed,
+            sampler=search.searcher,
+            num_samples=plan.num_samples,
+            baseline=plan.baseline.to_dict() if plan.baseline else None,
+        )
+        scheduler = (
+            ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
+                          grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+            if search.scheduler == "asha" else FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=search.metric,
+                mode=search.mode,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=plan.num_samples,
+                max_concurrent_trials=search.max_concurrent,
+                time_budget_s=search.time_budget_min * 60 if search.time_budget_min else None,
+            ),
+            run_config=run_config,
+        )
+    tuner.fit()
+    return plan.exp_dir

@@ -1,0 +1,148 @@
+"""`StudySearch`: Ray Tune's OptunaSearch, made right for tune_age's searches.
+
+Three things differ from the stock searcher:
+- a trial the scheduler stopped early (fewer epochs than the budget) is told to
+  the study as PRUNED, a diverged one as FAIL; stock Ray records both as
+  COMPLETE with a partial-budget score, which misleads TPE;
+- the seed baseline runs first as a full configuration outside the space and
+  enters the study as a trial with the user attribute `baseline`;
+- after `Tuner.restore`, the study is reloaded from its SQLite file and
+  reconciled with the restored searcher state, so trials that finished after the
+  last experiment checkpoint are not told again (stock Ray raises
+  `UpdateFinishedTrialError` there) and trials asked for but never started are
+  closed as FAIL.
+Every study trial carries the user attribute `ray_trial_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from .spaces import Space
+
+log = logging.getLogger(__name__)
+
+BASELINE_KEY = "_baseline"  # marks the seed baseline's trial config
+SAMPLERS = {
+    "tpe": lambda seed, startup: optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup, constant_liar=True
+    ),
+    "random": lambda seed, startup: optuna.samplers.RandomSampler(seed=seed),
+}
+
+
+def study_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+class StudySearch(OptunaSearch):
+    def __init__(
+        self,
+        space: Space,
+        *,
+        metric: str,
+        mode: str,
+        max_epochs: int,
+        study_path: str | Path,
+        study_name: str,
+        seed: int = 0,
+        sampler: str = "tpe",
+        num_samples: int = 10,
+        baseline: dict[str, Any] | None = None,
+    ):
+        self._study_url = study_url(study_path)
+        startup = max(2, min(10, num_samples // 3))
+        super().__init__(
+            space=space.suggest,
+            metric=metric,
+            mode=mode,
+            sampler=SAMPLERS[sampler](seed, startup),
+            study_name=study_name,
+            storage=optuna.storages.RDBStorage(self._study_url),
+        )
+        self._max_epochs = max_epochs
+        self._baseline = {**baseline, BASELINE_KEY: True} if baseline is not None else None
+        self._baseline_trial: str | None = None
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._baseline is not None and self._baseline_trial in (None, trial_id):
+            self._baseline_trial = trial_id
+            return dict(self._baseline)
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id == self._baseline_trial or trial_id in self._completed_trials:
+            return
+        if result.get("diverged") or self.metric not in result:
+            return
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        state, value = self._outcome(result, error)
+        if trial_id == self._baseline_trial:
+            self._ot_study.add_trial(
+                optuna.trial.create_trial(
+                    state=state,
+                    value=value,
+                    params={},
+                    distributions={},
+                    user_attrs={"ray_trial_id": trial_id, "baseline": True},
+                )
+            )
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        if result and result.get("diverged"):
+            ot_trial.set_user_attr("diverged", True)
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # told before the driver was restarted; the study already agrees
+
+    def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, float | None]:
+        if error or not result or result.get("diverged") or result.get(self.metric) is None:
+            return TrialState.FAIL, None
+        if int(result.get("epoch", 0)) < self._max_epochs:
+            return TrialState.PRUNED, None  # optuna keeps its last intermediate value
+        return TrialState.COMPLETE, float(result[self.metric])
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Brings the restored state in line with what the study file recorded since."""
+        study = optuna.load_study(
+            study_name=self._study_name, storage=self._study_url, sampler=self._ot_study.sampler
+        )
+        self._ot_study = study
+        stored = {t._trial_id: t for t in study.get_trials(deepcopy=False)}
+        known = set()
+        for ray_id, old in list(self._ot_trials.items()):
+            frozen = stored.get(old._trial_id)
+            known.add(old._trial_id)
+            if frozen is None:
+                continue
+            if frozen.state.is_finished():
+                self._completed_trials.add(ray_id)
+            else:
+                self._ot_trials[ray_id] = optuna.trial.Trial(study, old._trial_id)
+        for t in stored.values():
+            if t.user_attrs.get("baseline") and t.user_attrs.get("ray_trial_id") == self._baseline_trial:
+                self._completed_trials.add(self._baseline_trial)
+            elif t.state in (TrialState.RUNNING, TrialState.WAITING) and t._trial_id not in known:
+                # Asked for after the last experiment checkpoint: Ray will never run it.
+                study.tell(t.number, state=TrialState.FAIL)
+                log.info("closed study trial %d, which was never started before the restart", t.number)
