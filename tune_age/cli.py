@@ -57,6 +57,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig, apply_overrides, load_yaml
     from .data import load_data
+    from .engine import Diverged
     from .spaces import parse_space
     from .training import train
 
@@ -81,7 +82,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"val_acc {m['val_acc']:.4f}  val_one_off {m['val_one_off']:.4f}  "
               f"val_f1 {m['val_f1']:.4f}  {m['images_per_sec']:.0f} img/s", flush=True)
 
-    best = train(cfg, data, out, on_epoch=show)
+    try:
+        best = train(cfg, data, out, on_epoch=show)
+    except Diverged as exc:
+        raise TuneAgeError(f"{exc}; checkpoints of the epochs before are in {out}") from None
     print(f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}; saved {out / 'best.pt'}")
     return 0
 

@@ -26,8 +26,11 @@ from torch import nn
 from .config import TrainConfig
 
 
+DIVERGENCE_FACTOR = 100.0  # a mean loss this many times chance level has diverged
+
+
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN, infinite, or far above chance level."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -212,8 +215,11 @@ def train_one_epoch(
         seen += len(y)
     loss_value = total_loss.item() / max(seen, 1)
     seconds = time.perf_counter() - start
-    if not math.isfinite(loss_value):
-        raise Diverged(f"training loss became {loss_value} (try a lower lr)")
+    # Cross-entropy at chance is ln(classes); ReLU nets often blow up to huge
+    # finite losses rather than NaN, so both count as divergence.
+    limit = DIVERGENCE_FACTOR * math.log(max(int(logits.shape[1]), 2)) if seen else math.inf
+    if not math.isfinite(loss_value) or loss_value > limit:
+        raise Diverged(f"training loss diverged to {loss_value:.4g} (try a lower lr)")
     return {
         "loss": loss_value,
         "acc": correct.item() / max(seen, 1),

@@ -220,7 +220,11 @@ def load_space(name_or_path: str | Path) -> Space:
                 f"no search space named {text!r}; built-in spaces: {', '.join(builtin_names())} "
                 "(or give a path to a .yaml file)"
             )
-    return parse_space(load_yaml(path), str(path), path.stem)
+    try:
+        values = load_yaml(path)
+    except ConfigError as exc:
+        raise SpaceError(str(exc)) from None
+    return parse_space(values, str(path), path.stem)
 
 
 def seed_baseline() -> TrainConfig:
