@@ -126,6 +126,14 @@ def plan_resources(search: SearchConfig, cluster: dict[str, float]) -> tuple[flo
     return cpus, gpus
 
 
+def trial_slots(cpus: float, gpus: float, cluster: dict[str, float], limit: int | None) -> int:
+    """How many trials fit at once on the cluster as it is now."""
+    fit = math.floor(float(cluster.get("CPU", 1)) / cpus) if cpus else 1
+    if gpus:
+        fit = min(fit, math.floor(float(cluster.get("GPU", 0)) / gpus))
+    return max(1, min(fit, limit) if limit else fit)
+
+
 def trial_name(trial: Any) -> str:
     """Short trial folder names; Ray's default spells out the whole config."""
     return f"trial_{trial.trial_id}"
@@ -139,7 +147,7 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData) -> None:
@@ -220,7 +228,11 @@ def run_search(
     say(f"space: {plan.space.source} ({len(plan.space.searched)} searched parameters); "
     f"{plan.num_samples} trials x up to {plan.max_epochs} epochs; "
     f"{cpus:g} CPU and {gpus:g} GPU per trial")
-    say(f"experiment: {plan.exp_dir}")
+    slots = trial_slots(cpus, gpus, ray.cluster_resources(), search.max_concurrent)
+    say(f"up to {slots} trials at once; experiment: {plan.exp_dir}")
+    # With a custom searcher Ray starts one trial at a time unless told how many
+    # may be pending; a ConcurrencyLimiter would do it too but loses count on restore.
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
@@ -237,8 +249,6 @@ def run_search(
         failure_config=tune.FailureConfig(max_failures=search.max_failures),
         callbacks=callbacks,
         verbose=0,
-        trial_name_creator=trial_name,
-        trial_dirname_creator=trial_name,
     )
     if search.resume:
         tuner = tune.Tuner.restore(
@@ -273,6 +283,8 @@ def run_search(
                 num_samples=plan.num_samples,
                 max_concurrent_trials=search.max_concurrent,
                 time_budget_s=search.time_budget_min * 60 if search.time_budget_min else None,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
             ),
             run_config=run_config,
         )

@@ -1,0 +1,98 @@
+"""Searches end to end: results, checkpoints and the Optuna study; GPU packing on fake GPUs."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+
+from tune_age.config import DataConfig, SearchConfig
+from tune_age.errors import ConfigError
+from tune_age.results import load_experiment
+from tune_age.search import plan_resources, run_search
+
+from conftest import SMALL_N
+
+pytestmark = pytest.mark.slow
+STATE_OF = {
+    "completed": optuna.trial.TrialState.COMPLETE,
+    "early-stopped": optuna.trial.TrialState.PRUNED,
+    "diverged": optuna.trial.TrialState.FAIL,
+}
+
+
+def result_lines(trial_dir):
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+def test_small_search_results_checkpoints_and_study_agree(small_search):
+    exp = load_experiment(small_search)
+    assert len(exp.trials) == 4
+    trials = sorted(exp.trials.values(), key=lambda t: t["started"])
+    assert trials[0]["config"].get("_baseline") is True  # the seed baseline runs first
+    assert trials[0]["config"]["batch_size"] == 35 and trials[0]["config"]["image_size"] == "native"
+
+    study = optuna.load_study(study_name="small", storage=f"sqlite:///{exp.study_path}")
+    by_ray_id = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
+    assert set(by_ray_id) == set(exp.trials)
+    for entry in exp.trials.values():
+        assert entry["status"] in STATE_OF, entry
+        frozen = by_ray_id[entry["trial_id"]]
+        assert frozen.state == STATE_OF[entry["status"]], (entry["status"], frozen.state)
+        lines = result_lines(exp.trial_dir(entry))
+        assert [r["epoch"] for r in lines] == list(range(1, entry["epochs"] + 1))
+        if entry["status"] == "completed":
+            assert entry["epochs"] == 3
+            assert frozen.value == pytest.approx(lines[-1]["val_acc"])
+        else:
+            assert entry["epochs"] < 3
+        # Every kept checkpoint loads safely and matches the result reported at its epoch.
+        checkpoints = sorted(exp.trial_dir(entry).glob("checkpoint_*/checkpoint.pt"))
+        assert checkpoints
+        for path in checkpoints:
+            state = torch.load(path, weights_only=True)
+            assert state["config"]["batch_size"] == entry["config"]["batch_size"]
+            assert state["metrics"]["val_acc"] == pytest.approx(lines[state["epoch"] - 1]["val_acc"])
+    assert by_ray_id[trials[0]["trial_id"]].user_attrs.get("baseline") is True
+    assert (small_search / "split.csv").is_file()
+    meta = json.loads((small_search / "tune_age.json").read_text())
+    assert meta["num_samples"] == 4 and meta["max_epochs"] == 3 and meta["space"]["name"] == "quick"
+
+
+def test_resources_are_checked_against_the_cluster():
+    assert plan_resources(SearchConfig(), {"CPU": 2}) == (1.0, 0.0)
+    assert plan_resources(SearchConfig(), {"CPU": 16, "GPU": 2}) == (8.0, 1.0)
+    assert plan_resources(SearchConfig(gpus_per_trial=0.5), {"CPU": 16, "GPU": 2}) == (4.0, 0.5)
+    with pytest.raises(ConfigError, match=r"--gpus-per-trial 3 asks for more GPUs than the 2 Ray sees"):
+        plan_resources(SearchConfig(gpus_per_trial=3), {"CPU": 16, "GPU": 2})
+    with pytest.raises(ConfigError, match=r"than the 0 Ray sees; use at most 0 \(or leave it out"):
+        plan_resources(SearchConfig(gpus_per_trial=1), {"CPU": 2})
+
+
+@pytest.fixture(scope="module")
+def fake_gpu_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_fractional_gpus_pack_four_trials_on_two_fake_gpus(fake_gpu_ray, tmp_path):
+    search = SearchConfig(
+        space="quick", num_samples=4, max_epochs=2, gpus_per_trial=0.5, cpus_per_trial=1,
+        storage=str(tmp_path), name="gpus", baseline_first=False,
+    )
+    exp = load_experiment(run_search(search, DataConfig(synthetic_n=SMALL_N), progress=False))
+    trials = list(exp.trials.values())
+    assert len(trials) == 4
+    gpu_ids = [t["last"]["gpu_ids"] for t in trials]
+    assert all(len(ids) == 1 for ids in gpu_ids)
+    # Two trials per GPU: each GPU id is held by exactly two of the four trials.
+    assert sorted(ids[0] for ids in gpu_ids) == ["0", "0", "1", "1"]
+    # CUDA is absent here, so every trial fell back to the CPU.
+    assert {t["last"]["device"] for t in trials} == {"cpu"} and not torch.cuda.is_available()
+    # All four ran at once: some moment lies inside every trial's run.
+    assert max(t["started"] for t in trials) < min(t["ended"] for t in trials)
