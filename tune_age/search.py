@@ -4,7 +4,7 @@
 
 The experiment folder `<storage>/<name>` holds Ray's trial folders and
 checkpoints plus tune_age's own files: `tune_age.json` (what was asked for and
-on which data), `trials.json` (see tracking.py), `study.db` (the Optuna
+on which data), `trials.jsonl` (see tracking.py), `study.db` (the Optuna
 study, readable with `optuna.load_study`) and `split.csv`.
 """
 
@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler
+
 from . import __version__
 from .config import DataConfig, SearchConfig, TrainConfig
 from .data import FaceData, load_data
 from .errors import ConfigError, TuneAgeError
 from .model import min_image_size
+from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
-from .tracking import TrialLog, write_json_atomic
+from .tracking import FINAL, TRIALS_FILE, TrialLog, read_trials, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,17 @@ def plan_resources(search: SearchConfig, cluster: dict[str, float]) -> tuple[flo
     return cpus, gpus
 
 
+class BaselineFullBudgetASHA(ASHAScheduler):
+    """ASHA that never stops the seed baseline early, so it is compared at the full budget.
+
+    The baseline's results still count at every rung: it sets the bar others must pass.
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return self.CONTINUE if trial.config.get(BASELINE_KEY) else decision
+
+
 def trial_slots(cpus: float, gpus: float, cluster: dict[str, float], limit: int | None) -> int:
     """How many trials fit at once on the cluster as it is now."""
     fit = math.floor(float(cluster.get("CPU", 1)) / cpus) if cpus else 1
@@ -200,7 +214,7 @@ def run_search(
 ) -> Path:
     """Runs (or resumes) a search; returns the experiment folder."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from .searcher import StudySearch
     from .trainable import train_trial
@@ -269,8 +283,8 @@ def run_search(
             baseline=plan.baseline.to_dict() if plan.baseline else None,
         )
         scheduler = (
-            ASHAScheduler(time_attr="training_iteration", max_t=plan.max_epochs,
-                          grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+            BaselineFullBudgetASHA(time_attr="training_iteration", max_t=plan.max_epochs,
+                                   grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
             if search.scheduler == "asha" else FIFOScheduler()
         )
         tuner = tune.Tuner(
@@ -288,5 +302,32 @@ def run_search(
             ),
             run_config=run_config,
         )
+    started = time.time()
     tuner.fit()
+    finish_statuses(plan, search, time.time() - started)
     return plan.exp_dir
+
+
+class SearchInterrupted(Exception):
+    """The search stopped before all its trials ended (Ctrl-C); its state is saved."""
+
+
+def finish_statuses(plan: Plan, search: SearchConfig, elapsed_s: float) -> None:
+    """After Tuner.fit: an unfinished trial means an interrupt, unless the time budget ran out."""
+    path = plan.exp_dir / TRIALS_FILE
+    trials = read_trials(path)
+    unfinished = [t for t in trials.values() if t["status"] not in FINAL]
+    if len(trials) - len(unfinished) >= plan.num_samples:
+        for t in unfinished:  # asked for just before a crash of the driver; Ray never ran them
+            t["status"] = "lost"
+        if unfinished:
+            write_json_atomic(path, trials)
+        return
+    if search.time_budget_min and elapsed_s >= search.time_budget_min * 60:
+        for t in unfinished:
+            t["status"] = "stopped"
+        write_json_atomic(path, trials)
+        logging.getLogger("tune_age.progress").info(
+            "time budget of %g min used up; %d trial(s) stopped", search.time_budget_min, len(unfinished))
+        return
+    raise SearchInterrupted(plan.name)

@@ -1,7 +1,8 @@
-"""`TrialLog`: a Ray Tune callback that keeps `trials.json` in the experiment folder.
+"""`TrialLog`: a Ray Tune callback that keeps `trials.jsonl` in the experiment folder.
 
 One entry per trial: status (running, completed, early-stopped, diverged,
-errored, retrying, interrupted), its config, epochs run, the last and best
+errored, retrying, interrupted, stopped by the time budget, or lost: started
+just before the driver died and never resumed by Ray), its config, epochs run, the last and best
 value of the metric, the error of a failed attempt, and where it ran. The
 file is rewritten atomically on every event, so `tune-age trials` can read it
 while the search runs, after it, and on another machine, without Ray. Each
@@ -24,15 +25,31 @@ from ray import tune
 log = logging.getLogger(__name__)
 progress = logging.getLogger("tune_age.progress")  # the CLI prints these lines as they are
 
-TRIALS_FILE = "trials.json"
+# JSON lines, one trial each. Not ".json": on restore Ray copies every *.json and
+# *.pkl of the experiment folder into its staging folder and later copies them
+# back, which would put an old trial log over the new one.
+TRIALS_FILE = "trials.jsonl"
 UNFINISHED = ("running", "pending", "retrying")
+FINAL = ("completed", "early-stopped", "diverged", "errored", "stopped")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes JSON (or, for a .jsonl path, one line per value of a dict) atomically."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
+        if path.suffix == ".jsonl":
+            f.writelines(json.dumps(value, default=str) + "\n" for value in obj.values())
+        else:
+            json.dump(obj, f, indent=1, default=str)
     os.replace(tmp, path)
+
+
+def read_trials(path: Path) -> dict[str, dict[str, Any]]:
+    """The trial log as {trial_id: entry}; empty when there is none yet."""
+    if not path.is_file():
+        return {}
+    entries = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {e["trial_id"]: e for e in entries}
 
 
 def _last_error_line(trial: Any) -> str:
@@ -59,8 +76,8 @@ class TrialLog(tune.Callback):
 
     def _load(self) -> None:
         """A resumed search: what was running is interrupted until Ray says more."""
-        if self.path.is_file():
-            self.trials = json.loads(self.path.read_text())
+        self.trials = read_trials(self.path)
+        if self.trials:
             for entry in self.trials.values():
                 if entry["status"] in UNFINISHED:
                     entry["status"] = "interrupted"
