@@ -3,6 +3,11 @@
     tune-age synth OUT --n 3000 --seed 0
     tune-age train [--data PATH] [--config FILE.yaml] [--out DIR] [key=value ...]
     tune-age search [--data PATH] [--space quick] [--num-samples N] ...
+    tune-age trials EXP [--sort METRIC] [--top N] [--status S] [--format table|csv|markdown|json]
+    tune-age report EXP [--out DIR] [--rerun-top K --seeds S]
+    tune-age export EXP --out best.pt [--metric M] [--torchscript] [--force]
+    tune-age predict best.pt IMAGE_OR_DIR... [--top 3] [--format table|csv|json]
+    tune-age evaluate best.pt --data PATH [--format table|json]
 
 Errors the user can fix print one line (`tune-age: error: ...`) and exit 2;
 Ctrl-C exits 130.
@@ -11,6 +16,7 @@ Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -124,6 +130,173 @@ def resume_command(search) -> str:
     return " ".join(parts + ["--resume"])
 
 
+# --- after a search: results, report, export, predict, evaluate -------------------------------
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """["a,b", "c"] -> ["a", "b", "c"]: lists may be given with commas or as separate words."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@contextlib.contextmanager
+def _quiet_data_logs(args: argparse.Namespace):
+    """Keeps the data pipeline's progress lines out of results (and out of JSON/CSV on stdout)."""
+    logger = logging.getLogger("tune_age.data")
+    level = logger.level
+    if not args.verbose:
+        machine = getattr(args, "format", "table") not in ("table", "markdown")
+        logger.setLevel(logging.ERROR if machine else logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from .results import follow, load_experiment, render, trials_table
+
+    def draw(exp) -> str:
+        table = trials_table(exp, sort=args.sort, top=args.top, status=_names(args.status),
+                             columns=_names(args.columns), reverse=args.reverse)
+        return render(exp, table, args.format, full=args.wide, first=args.sort)
+
+    if not args.follow:
+        print(draw(load_experiment(args.exp)), end="")
+        return 0
+    clear = sys.stdout.isatty()
+    try:
+        for i, text in enumerate(follow(args.exp, draw, args.interval)):
+            if clear:
+                print("\033[H\033[J", end="")
+            elif i:
+                print()
+            print(f"{time.strftime('%H:%M:%S')} (refreshed every {args.interval:g} s; Ctrl-C stops)")
+            print(text, end="", flush=True)
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    with _quiet_data_logs(args):
+        report = write_report(args.exp, args.out, top=args.top, rerun_top_k=args.rerun_top,
+                              seeds=args.seeds, evaluate=not args.no_eval)
+    for line in report.summary:
+        print(line)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_best
+
+    result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
+                         torchscript=args.torchscript)
+    for line in result.lines():
+        print(line)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import prediction_frame, predict
+
+    with _quiet_data_logs(args):
+        rows, skipped = predict(args.model, args.inputs, top=args.top, device=args.device)
+    if args.format == "json":
+        print(json.dumps(rows, indent=1))
+    elif args.format == "csv":
+        print(prediction_frame(rows).to_csv(index=False), end="")
+    else:
+        width = max(4, *(len(r["path"]) for r in rows))
+        print(f"{'path':<{width}}  {'group':>6}  {'prob':>5}  top {args.top}")
+        for r in rows:
+            tops = ", ".join(f"{t['group']} {t['probability']:.2f}" for t in r["top"])
+            print(f"{r['path']:<{width}}  {r['group']:>6}  {r['probability']:5.2f}  {tops}")
+    if skipped:
+        first = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:3])
+        print(f"skipped {len(skipped)} file(s) that could not be read as images (first: {first})",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import evaluate, metric_lines
+
+    with _quiet_data_logs(args):
+        metrics = evaluate(args.model, args.data, layout=args.layout, device=args.device)
+    if args.format == "json":
+        print(json.dumps(metrics, indent=1))
+    else:
+        print("\n".join(metric_lines(metrics)))
+    return 0
+
+
+def _add_results_commands(sub) -> None:
+    p = sub.add_parser("trials", help="one row per trial of an experiment (works while it runs)",
+                       formatter_class=_Formatter)
+    p.add_argument("exp", help="the experiment folder that `tune-age search` printed")
+    p.add_argument("--sort", help="a metric (best first: val_acc, val_f1, val_loss, ...) or a column "
+                   "(ascending: lr, epochs, status, ...); default: the search's metric")
+    p.add_argument("--reverse", action="store_true", help="reverse the order")
+    p.add_argument("--top", type=int, help="show only the first N rows")
+    p.add_argument("--status", nargs="+", help="keep trials with these statuses: completed, "
+                   "early-stopped, errored, diverged, running, pending, retrying, interrupted, stopped, lost")
+    p.add_argument("--columns", nargs="+", help="columns to show, e.g. trial_id best_val_acc lr")
+    p.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"),
+                   help="table fits the terminal; the others hold every column")
+    p.add_argument("--wide", action="store_true", help="table: every hyperparameter, however wide")
+    p.add_argument("--follow", action="store_true", help="redraw until the search ends (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between redraws with --follow")
+    p.set_defaults(func=cmd_trials)
+
+    p = sub.add_parser("report", help="report.md, report.html and plots: best configurations, "
+                       "importance, curves, the best model on val and test", formatter_class=_Formatter)
+    p.add_argument("exp", help="the experiment folder")
+    p.add_argument("--out", help="output folder (default: EXP/report)")
+    p.add_argument("--top", type=int, default=5, help="configurations in the top table")
+    p.add_argument("--rerun-top", type=int, default=0, metavar="K",
+                   help="retrain the top K configurations on the CPU with --seeds seeds each")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration with --rerun-top")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip evaluating the best model on the validation and test splits")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="the best checkpoint over all epochs of all trials, as one file",
+                       formatter_class=_Formatter)
+    p.add_argument("exp", help="the experiment folder")
+    p.add_argument("--out", default="best.pt", help="the file to write")
+    p.add_argument("--metric", help="choose by this metric (default: the search's)")
+    p.add_argument("--torchscript", action="store_true",
+                   help="also write OUT.torchscript.pt: preprocessing built in, needs only torch")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="the age group of each image", formatter_class=_Formatter)
+    p.add_argument("model", help="an export (tune-age export) or a checkpoint (tune-age train)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--top", type=int, default=3, help="groups listed per image, most likely first")
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"), help="output format")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics and confusion matrix on a labelled set",
+                       formatter_class=_Formatter)
+    p.add_argument("model", help="an export (tune-age export) or a checkpoint (tune-age train)")
+    p.add_argument("--data", required=True, help="a UTKFace-named folder, a folder per group, "
+                   "or a CSV of path,age / path,age_group")
+    p.add_argument("--layout", default="auto", help="auto, utkface, folders or csv")
+    p.add_argument("--format", default="table", choices=("table", "json"), help="output format")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tune-age", description=__doc__.split("\n")[0],
                                      formatter_class=_Formatter)
@@ -170,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="don't evaluate the seed baseline first")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial")
     p.set_defaults(func=cmd_search)
+    _add_results_commands(sub)
     return parser
 
 

@@ -3,25 +3,50 @@
     exp = load_experiment("~/tune_age_results/search-20261128-120000")
     exp.best_trial()        # the trial entry with the best value of the metric
     exp.frame()             # one row per trial, as a pandas DataFrame
+    exp.history(entry)      # every epoch a trial reported (its result.json)
+    table = trials_table(exp, sort="val_f1", top=5, status=["completed"])
+    print(render(exp, table, "table"))   # or "csv", "markdown", "json"
 
 Works while the search runs (the files are rewritten atomically), after it,
-and on another machine.
+and on another machine. `tune-age trials` is `trials_table` + `render`;
+`--follow` is `follow`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from .errors import TuneAgeError
+from .config import METRICS, TrainConfig
+from .errors import ConfigError, TuneAgeError
 from .search import META_FILE, STUDY_FILE
-from .tracking import TRIALS_FILE
+from .tracking import FINAL, TRIALS_FILE, UNFINISHED, read_trials
 
 FAILED = ("errored", "diverged")
+# What tracking.py and search.py write: ended, still going, cut off by a dead driver, and
+# asked for just before the driver died but never run.
+STATUSES = tuple(dict.fromkeys(FINAL + UNFINISHED + ("interrupted", "lost")))
+FORMATS = ("table", "csv", "markdown", "json")
+RESULT_FILE = "result.json"  # Ray's per-trial log: one JSON object per reported epoch
+CORE = ("trial_id", "status", "epochs")
+# Hyperparameters the narrow table shows first (the ones that usually matter most), under
+# short headers; the rest follow in the space's order while they fit.
+PRIORITY = ("lr", "optimizer", "batch_size", "weight_decay", "image_size", "conv_layers",
+            "channels", "dropout", "arch")
+SHORT = {
+    "image_size": "size", "conv_layers": "convs", "channels": "ch", "channel_growth": "grow",
+    "kernel_size": "kern", "batch_norm": "bn", "fc_layers": "fcs", "fc_width": "fc_w",
+    "dropout": "drop", "optimizer": "opt", "weight_decay": "wd", "momentum": "mom",
+    "schedule": "sched", "label_smoothing": "smooth", "class_weighting": "cw",
+    "batch_size": "bs", "crop_scale": "crop", "color_jitter": "jitter", "pretrained": "pre",
+}
 
 
 @dataclass
@@ -29,6 +54,10 @@ class Experiment:
     path: Path
     meta: dict[str, Any]
     trials: dict[str, dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", self.path.name)
 
     @property
     def metric(self) -> str:
@@ -62,6 +91,48 @@ class Experiment:
     def trial_dir(self, entry: dict[str, Any]) -> Path:
         return self.path / entry["dir"]
 
+    def searched_params(self) -> list[str]:
+        """The space's searched parameters, in the space's order (fixed values left out)."""
+        params = self.meta.get("space", {}).get("values", {}).get("params", {})
+        return [name for name, spec in params.items() if isinstance(spec, dict)]
+
+    def finished(self) -> bool:
+        """No trial runs or waits, and the search has ended: as many trials as asked for,
+        or some were stopped by the time budget (or lost), or the budget has run out."""
+        if any(t["status"] in UNFINISHED for t in self.trials.values()):
+            return False
+        if len(self.trials) >= int(self.meta.get("num_samples") or 0):
+            return True
+        if any(t["status"] in ("stopped", "lost") for t in self.trials.values()):
+            return True
+        budget = (self.meta.get("search") or {}).get("time_budget_min")
+        try:
+            started = time.mktime(time.strptime(self.meta.get("created", ""), "%Y-%m-%d %H:%M:%S"))
+        except ValueError:
+            return False
+        return bool(budget) and time.time() > started + budget * 60
+
+    def history(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every result the trial reported (one per epoch), oldest first; [] before the first.
+
+        A line that is being written while we read is skipped; a restored trial that
+        reported an epoch twice keeps the later report.
+        """
+        if not entry.get("dir"):
+            return []
+        file = self.trial_dir(entry) / RESULT_FILE
+        if not file.is_file():
+            return []
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for line in file.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                by_epoch[int(row.get("epoch", row.get("training_iteration", len(by_epoch) + 1)))] = row
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
     def frame(self) -> pd.DataFrame:
         """One row per trial: id, status, epochs, best, last, then the hyperparameters."""
         rows = []
@@ -75,13 +146,23 @@ class Experiment:
                 f"last_{self.metric}": None if (t.get("last") or {}).get("diverged") else last,
                 "baseline": is_baseline(t),
             }
-            row.update({k: v for k, v in t["config"].items() if not k.startswith("_")})
+            row.update(hyperparameters(t))
             rows.append(row)
         return pd.DataFrame(rows)
 
 
 def is_baseline(entry: dict[str, Any]) -> bool:
     return bool(entry.get("config", {}).get("_baseline"))
+
+
+def hyperparameters(entry: dict[str, Any]) -> dict[str, Any]:
+    """The configuration a trial trained with: its config over TrainConfig's defaults.
+
+    `epochs` is left out: every trial trains for the search's max_epochs whatever its
+    config says, and the epochs it actually ran are a column of their own.
+    """
+    values = {**TrainConfig().to_dict(), **entry.get("config", {})}
+    return {k: v for k, v in values.items() if not k.startswith("_") and k != "epochs"}
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -92,17 +173,261 @@ def load_experiment(path: str | Path) -> Experiment:
             "give the folder that `tune-age search` printed"
         )
     meta = json.loads((path / META_FILE).read_text())
-    trials_file = path / TRIALS_FILE
-    trials = json.loads(trials_file.read_text()) if trials_file.is_file() else {}
-    return Experiment(path, meta, trials)
+    return Experiment(path, meta, read_trials(path / TRIALS_FILE))
+
+
+# --- the trials table ------------------------------------------------------------------------
+
+
+def best_and_last(exp: Experiment, entry: dict[str, Any], metric: str) -> tuple[float | None, float | None, int | None]:
+    """(best, last, best epoch) of `metric` for one trial; diverged epochs do not count."""
+    if metric == exp.metric:
+        last = (entry.get("last") or {})
+        return entry["best"], None if last.get("diverged") else last.get(metric), entry.get("best_epoch")
+    sign = 1 if METRICS[metric] == "max" else -1
+    best = last = best_epoch = None
+    for row in exp.history(entry):
+        value = row.get(metric)
+        if row.get("diverged") or not isinstance(value, (int, float)) or not math.isfinite(value):
+            last = None
+            continue
+        last = value
+        if best is None or sign * value > sign * best:
+            best, best_epoch = value, int(row.get("epoch", 0))
+    return best, last, best_epoch
+
+
+def trials_table(
+    exp: Experiment,
+    sort: str | None = None,
+    top: int | None = None,
+    status: list[str] | None = None,
+    columns: list[str] | None = None,
+    reverse: bool = False,
+) -> pd.DataFrame:
+    """One row per trial, best first by the search metric (or `sort`): every column by default.
+
+    Columns: trial_id, status, epochs, best_<m>, last_<m>, best_epoch, baseline, then the
+    hyperparameters. `sort` is a metric name (its best value, best first; adds that metric's
+    best/last columns) or any column name (ascending); `reverse` flips the order.
+    """
+    for s in status or []:
+        if s not in STATUSES:
+            raise ConfigError(f"status {s!r} is not valid; choose from {', '.join(STATUSES)}")
+    metric = exp.metric
+    metrics = [metric] + ([sort] if sort in METRICS and sort != metric else [])
+    rows = []
+    for t in exp.trials.values():
+        row: dict[str, Any] = {"trial_id": t["trial_id"], "status": t["status"], "epochs": t["epochs"]}
+        for m in metrics:
+            best, last, best_epoch = best_and_last(exp, t, m)
+            row[f"best_{m}"], row[f"last_{m}"] = best, last
+            if m == metric:
+                row["best_epoch"] = best_epoch
+        row["baseline"] = is_baseline(t)
+        row.update(hyperparameters(t))
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=_column_order(rows, exp, metrics))
+    if status:
+        frame = frame[frame["status"].isin(status)]
+    key = sort or metric
+    if key in METRICS:
+        # Best first; trials without a score last, whatever the direction.
+        frame = frame.sort_values(f"best_{key}", ascending=METRICS[key] == "min", na_position="last",
+                                  kind="stable")
+    elif key in frame.columns:
+        frame = _sort_mixed(frame, key)
+    else:
+        valid = list(METRICS) + [c for c in frame.columns if c not in METRICS]
+        raise ConfigError(f"cannot sort by {key!r}; choose a metric or a column: {', '.join(valid)}")
+    if reverse:
+        frame = frame.iloc[::-1]
+    if top is not None:
+        if top < 1:
+            raise ConfigError(f"--top {top} is not valid; give 1 or more")
+        frame = frame.head(top)
+    if columns:
+        unknown = [c for c in columns if c not in frame.columns]
+        if unknown:
+            raise ConfigError(f"unknown column {unknown[0]!r}; valid columns: {', '.join(frame.columns)}")
+        frame = frame[list(dict.fromkeys(columns))]
+    return frame.reset_index(drop=True)
+
+
+def _column_order(rows: list[dict], exp: Experiment, metrics: list[str]) -> list[str]:
+    head = list(CORE)
+    for m in metrics:
+        head += [f"best_{m}", f"last_{m}"] + (["best_epoch"] if m == exp.metric else [])
+    head.append("baseline")
+    params = list(dict.fromkeys(k for r in rows for k in r if k not in head))
+    searched = [p for p in exp.searched_params() if p in params]
+    return head + searched + [p for p in params if p not in searched]
+
+
+def _sort_mixed(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Ascending by one column that may mix numbers, text ("native") and gaps."""
+    def order(value: Any) -> tuple:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return (2, 0, "")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (0, value, "")
+        return (1, 0, str(value))
+
+    ranks = sorted(range(len(frame)), key=lambda i: order(frame[key].iloc[i]))
+    return frame.iloc[ranks]
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    """A short, readable cell: 4 decimals for scores, 3 significant digits otherwise."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 1e-2:
+            return f"{value:.1e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _score(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}"
+
+
+def render(exp: Experiment, frame: pd.DataFrame, fmt_name: str = "table", width: int | None = None,
+           full: bool = False, first: str | None = None) -> str:
+    """The table as text: `table` fits `width` columns (the terminal's; 80 when unknown),
+    showing the hyperparameter `first` (the sort column) before the others."""
+    if fmt_name not in FORMATS:
+        raise ConfigError(f"format {fmt_name!r} is not valid; choose one of {', '.join(FORMATS)}")
+    if fmt_name == "csv":
+        return frame.to_csv(index=False)
+    if fmt_name == "json":
+        return json.dumps(json.loads(frame.to_json(orient="records")), indent=1) + "\n"
+    if fmt_name == "markdown":
+        cells = [[_score(v) if c.startswith(("best_v", "last_v")) else fmt(v) for c, v in row.items()]
+                 for row in frame.to_dict("records")]
+        return markdown_table(list(frame.columns), cells)
+    return narrow_table(exp, frame, width or shutil.get_terminal_size((80, 24)).columns, full, first)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def clean(cell: Any) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    align = ["---:" if rows and all(_numeric(r[i]) for r in rows) else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(clean(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return cell == "-"
+    return True
+
+
+def status_counts(exp: Experiment) -> str:
+    counts = pd.Series([t["status"] for t in exp.trials.values()], dtype=object).value_counts()
+    return ", ".join(f"{n} {s}" for s, n in counts.items()) or "none yet"
+
+
+def narrow_table(exp: Experiment, frame: pd.DataFrame, width: int = 80, full: bool = False,
+                 first: str | None = None) -> str:
+    """Fixed-width text that fits `width`: id, status, epochs, best, last and the
+    hyperparameters that differ between trials, as many as fit; a footer names the rest."""
+    lines = [f"{exp.name}: {len(exp.trials)} trials ({status_counts(exp)}); "
+             f"metric {exp.metric} ({exp.mode})"]
+    if frame.empty:
+        return "\n".join(lines + ["no trials to show"]) + "\n"
+    custom = [c for c in frame.columns if c not in CORE and c != "baseline"]
+    metric_cols = [c for c in frame.columns if c.startswith(("best_", "last_")) and c != "best_epoch"]
+    cols: list[tuple[str, list[str], bool]] = []  # header, cells, right-aligned
+    if "trial_id" in frame:
+        marks = ["*" if b else "" for b in frame.get("baseline", [False] * len(frame))]
+        cols.append(("trial", [f"{t}{m}" for t, m in zip(frame["trial_id"], marks)], False))
+    if "status" in frame:
+        cols.append(("status", list(frame["status"]), False))
+    if "epochs" in frame:
+        cols.append(("ep", [str(v) for v in frame["epochs"]], True))
+    for c in metric_cols:
+        head = c.split("_")[0] if c.endswith(f"_{exp.metric}") else c
+        cols.append((head, [_score(v) for v in frame[c]], True))
+    if "best_epoch" in frame:
+        cols.append(("at", [fmt(None if pd.isna(v) else int(v)) for v in frame["best_epoch"]], True))
+    params = [c for c in custom if c not in metric_cols and c != "best_epoch"]
+    varying = [p for p in params if full or frame[p].astype(str).nunique() > 1]
+    ordered = [p for p in (first, *PRIORITY) if p in varying]
+    ordered += [p for p in varying if p not in ordered]
+    used = sum(max(len(h), *(len(x) for x in cells)) + 2 for h, cells, _ in cols)
+    hidden, aliases = [], []
+    for p in ordered:
+        cells = [fmt(v) for v in frame[p]]
+        head = SHORT.get(p, p)
+        need = max(len(head), *(len(x) for x in cells)) + 1
+        if used + need <= width or full:
+            cols.append((head, cells, True))
+            used += need
+            if head != p:
+                aliases.append(f"{head}={p}")
+        else:
+            hidden.append(p)
+    widths = [max(len(h), *(len(x) for x in cells)) for h, cells, _ in cols]
+    def line(cells: list[str]) -> str:
+        out = []
+        for (h, _, right), w, cell in zip(cols, widths, cells):
+            out.append(cell.rjust(w) if right else cell.ljust(w))
+        return " ".join(out).rstrip()
+    lines.append(line([h for h, _, _ in cols]))
+    for i in range(len(frame)):
+        lines.append(line([cells[i] for _, cells, _ in cols]))
+    notes = []
+    if "trial_id" in frame and frame.get("baseline", pd.Series([False])).any():
+        notes.append("* seed baseline")
+    if "best_epoch" in frame:
+        notes.append("at: epoch of the best")
+    notes += aliases
+    lines += _wrap("; ".join(notes), width)
+    if hidden:
+        lines += _wrap(f"not shown: {', '.join(hidden)} (use --columns, --wide or --format csv)", width)
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=max(width, 40), subsequent_indent="  ") if text else []
+
+
+def follow(path: str | Path, draw: Callable[[Experiment], str], interval: float = 5.0,
+           max_updates: int | None = None) -> Iterator[str]:
+    """Yields a fresh drawing of the experiment every `interval` seconds until the search
+    has finished (no trial running and as many trials as asked for), or max_updates."""
+    count = 0
+    while True:
+        exp = load_experiment(path)
+        yield draw(exp)
+        count += 1
+        if exp.finished() or (max_updates is not None and count >= max_updates):
+            return
+        time.sleep(interval)
+
+
+# --- the end-of-search summary -------------------------------------------------------------
 
 
 def summary_lines(exp: Experiment) -> list[str]:
     """The end-of-search summary: best, baseline, failures, where to look next."""
     metric = exp.metric
     lines = []
-    counts = pd.Series([t["status"] for t in exp.trials.values()]).value_counts()
-    lines.append(f"trials: {len(exp.trials)} (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")")
+    lines.append(f"trials: {len(exp.trials)} ({status_counts(exp)})")
     best = exp.best_trial(include_baseline=False)
     base = exp.baseline_trial()
     if best:

@@ -1,0 +1,455 @@
+"""After a search: trial tables, the report, export, predict and evaluate.
+
+Most tests read the folder of the real 4-trial search (`small_search`, conftest.py);
+export's choice of checkpoint is also tested on a small experiment folder written by
+hand, where the best epoch is deliberately not the last one. CLI tests call
+`tune_age.cli.main` in-process and check the exit code and the printed output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tune_age.cli import main
+from tune_age.config import DataConfig, TrainConfig
+from tune_age.data import load_data
+from tune_age.data.groups import make_groups
+from tune_age.engine import Normalizer, evaluate, predict_logits
+from tune_age.errors import ArtifactError, TuneAgeError
+from tune_age.export import best_checkpoint, load_model, payload_sha256
+from tune_age.model import build_model
+from tune_age.predict import evaluate_arrays
+from tune_age.report import param_importance
+from tune_age.results import STATUSES, load_experiment, render, trials_table
+from tune_age.tracking import TRIALS_FILE, write_json_atomic
+
+pytestmark = pytest.mark.slow
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tune-age: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def exported(small_search, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "best.pt"
+    assert main(["export", str(small_search), "--out", str(out), "--torchscript"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def search_data(small_search):
+    """The search's data, rebuilt from its tune_age.json (decoded images come from the cache)."""
+    meta = json.loads((small_search / "tune_age.json").read_text())
+    sizes = {int(torch.load(file, weights_only=True, mmap=True)["image_size"])
+             for file in small_search.glob("*/checkpoint_*/checkpoint.pt")}
+    return load_data(DataConfig.from_dict(meta["data"]), sorted(sizes), progress=False)
+
+
+# --- a hand-written experiment folder ------------------------------------------------------
+
+TINY = TrainConfig(conv_layers=1, channels=4, fc_layers=1, image_size=16, batch_norm=False)
+GROUPS = make_groups("decades")
+
+
+def fake_checkpoint(folder: Path, epoch: int, metrics: dict, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = build_model(TINY, len(GROUPS), 16)
+    state = {
+        "format": "tune_age.checkpoint", "version": 1, "model": model.state_dict(),
+        "config": TINY.to_dict(), "groups": GROUPS.to_dict(),
+        "norm": {"mean": [0.5] * 3, "std": [0.25] * 3}, "image_size": 16, "epoch": epoch,
+        "metrics": {"epoch": epoch, **metrics}, "history": [], "data_fingerprint": "f" * 64,
+    }
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "checkpoint.pt")
+    return folder / "checkpoint.pt"
+
+
+def fake_experiment(root: Path, trials: dict[str, dict]) -> Path:
+    """trials: id -> {"status", "checkpoints": {epoch: metrics}}; writes meta, the trial log, checkpoints."""
+    root.mkdir(parents=True)
+    meta = {"name": root.name, "metric": "val_acc", "mode": "max", "num_samples": len(trials),
+            "max_epochs": 3, "data": DataConfig().to_dict(), "groups": GROUPS.to_dict(),
+            "space": {"name": "test", "source": "test", "values": {"params": {}}},
+            "data_fingerprint": "f" * 64, "data_source": "by hand"}
+    (root / "tune_age.json").write_text(json.dumps(meta))
+    entries = {}
+    for n, (tid, spec) in enumerate(trials.items()):
+        points = spec.get("checkpoints", {})
+        for epoch, metrics in points.items():
+            fake_checkpoint(root / f"trial_{tid}" / f"checkpoint_{epoch - 1:06d}", epoch, metrics, 10 * n + epoch)
+        scores = {e: m["val_acc"] for e, m in points.items()}
+        best_epoch = max(scores, key=scores.get) if scores else None
+        entries[tid] = {
+            "trial_id": tid, "status": spec["status"], "config": TINY.to_dict(), "dir": f"trial_{tid}",
+            "epochs": max(points, default=0), "best": scores.get(best_epoch), "best_epoch": best_epoch,
+            "last": points[max(points)] if points else None, "attempts": 1,
+            "errors": ["RuntimeError: boom"] if spec["status"] == "errored" else [], "started": n,
+        }
+    write_json_atomic(root / TRIALS_FILE, entries)
+    return root
+
+
+# --- trial tables --------------------------------------------------------------------------
+
+
+def test_trials_table_from_a_real_search(small_search):
+    exp = load_experiment(small_search)
+    table = trials_table(exp)
+    assert len(table) == 4
+    assert set(table["status"]) <= set(STATUSES)
+    assert table["baseline"].sum() == 1
+    assert (table["epochs"] <= 3).all() and (table["epochs"] >= 1).all()
+    scores = table["best_val_acc"].dropna().tolist()
+    assert scores == sorted(scores, reverse=True)
+    assert table["trial_id"].iloc[0] == exp.best_trial()["trial_id"]
+    for row in table.to_dict("records"):  # best and last agree with each trial's result.json
+        history = exp.history(exp.trials[row["trial_id"]])
+        values = [r["val_acc"] for r in history if not r.get("diverged")]
+        assert row["best_val_acc"] == pytest.approx(max(values))
+        assert row["last_val_acc"] == pytest.approx(values[-1])
+        assert row["epochs"] == len(history)
+    assert len(trials_table(exp, top=2)) == 2
+    done = trials_table(exp, status=["completed"])
+    assert set(done["status"]) == {"completed"} and len(done) == (table["status"] == "completed").sum()
+    by_loss = trials_table(exp, sort="val_loss")
+    losses = by_loss["best_val_loss"].tolist()
+    assert losses == sorted(losses)  # val_loss: lower is better, so best first is ascending
+    by_lr = trials_table(exp, sort="lr", reverse=True)
+    assert by_lr["lr"].tolist() == sorted(by_lr["lr"].tolist(), reverse=True)
+    picked = trials_table(exp, columns=["trial_id", "lr"])
+    assert list(picked.columns) == ["trial_id", "lr"]
+
+
+def test_trials_cli_every_format_parses(small_search, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    exp = load_experiment(small_search)
+    ids = set(exp.trials)
+
+    code, out, _ = run(capsys, "trials", small_search)
+    assert code == 0
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert all(any(line.startswith(t) for line in out.splitlines()) for t in ids)
+    best = exp.best_trial()
+    assert f"{best['best']:.4f}" in out
+
+    code, out, _ = run(capsys, "trials", small_search, "--format", "csv")
+    frame = pd.read_csv(io.StringIO(out))
+    assert code == 0 and set(frame["trial_id"].astype(str)) == ids
+    assert {"status", "epochs", "best_val_acc", "last_val_acc", "lr"} <= set(frame.columns)
+
+    code, out, _ = run(capsys, "trials", small_search, "--format", "json", "--top", "2")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 2 and rows[0]["trial_id"] == best["trial_id"]
+
+    code, out, _ = run(capsys, "trials", small_search, "--format", "markdown", "--columns",
+                       "trial_id,status", "best_val_acc")
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0] == "| trial_id | status | best_val_acc |" and len(lines) == 2 + len(ids)
+
+    code, out, _ = run(capsys, "trials", small_search, "--follow", "--interval", "0.01")
+    assert code == 0 and out.count(best["trial_id"]) == 1  # a finished search: drawn once
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--status", "finished"], "status 'finished' is not valid"),
+    (["--sort", "accuracy"], "cannot sort by 'accuracy'"),
+    (["--columns", "trial_id,nope"], "unknown column 'nope'"),
+    (["--top", "0"], "--top 0 is not valid"),
+])
+def test_trials_cli_errors(small_search, capsys, args, message):
+    code, _, err = run(capsys, "trials", small_search, *args)
+    assert code == 2 and message in one_line_error(err)
+
+
+def test_trials_of_a_folder_that_is_no_experiment(tmp_path, capsys):
+    code, _, err = run(capsys, "trials", tmp_path)
+    assert code == 2 and "not a tune_age experiment folder" in one_line_error(err)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def test_report_holds_the_numbers_of_the_search(small_search, tmp_path, capsys, search_data):
+    exp_dir = shutil.copytree(small_search, tmp_path / "exp")  # rerun.json goes into the copy
+    out = tmp_path / "report"
+    code, stdout, _ = run(capsys, "report", exp_dir, "--out", out, "--rerun-top", "1", "--seeds", "2")
+    assert code == 0, stdout
+    exp = load_experiment(exp_dir)
+    best = exp.best_trial()
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for name in ("learning_curves.png", "params.png", "history.png", "confusion_val.png",
+                 "confusion_test.png", "per_group.png"):
+        assert (out / name).stat().st_size > 1000, name
+        assert f"({name})" in md
+    assert f"{best['best']:.4f}" in md and best["trial_id"] in md
+    assert f"best val_acc: {best['best']:.4f}" in stdout
+    assert "(seed baseline)" in md
+    assert page.count("data:image/png;base64,") >= 6 and 'src="data:image/png' in page
+    assert ".png\"" not in page  # every image is embedded, none linked
+    # Importance: a table, or a sentence saying there were too few completed trials.
+    section = md.split("## Parameter importance")[1].split("##")[0]
+    assert "| parameter | importance |" in section or "Too few completed trials" in section
+    # Validation and test metrics of the best checkpoint, recomputed from the rebuilt split.
+    ref = best_checkpoint(exp)
+    loaded = load_model(ref.path)
+    rows = search_data.splits["test"]
+    test = evaluate_arrays(loaded, search_data.images[loaded.image_size][rows],
+                           search_data.labels[rows], search_data.ages[rows])
+    test_section = md.split("## Test split")[1]
+    assert f"{test['accuracy']:.4f}" in test_section and f"{test['macro_f1']:.4f}" in test_section
+    assert "Note: recomputed" not in md  # validation metrics agree with what the checkpoint stored
+    # Seed reruns: kept in the experiment, shown in the report.
+    rerun = json.loads((exp_dir / "rerun.json").read_text())
+    assert len(rerun["configs"]) == 1 and len(rerun["configs"][0]["scores"]) == 2
+    assert rerun["configs"][0]["trial_id"] == best["trial_id"]
+    assert "## Seed reruns" in md and f"{rerun['configs'][0]['mean']:.4f}" in md
+
+
+def study_with(tmp_path: Path, completed: int) -> Path:
+    exp = fake_experiment(tmp_path / f"imp{completed}", {})
+    study = optuna.create_study(study_name=exp.name, storage=f"sqlite:///{exp / 'study.db'}",
+                                direction="maximize")
+    rng = np.random.default_rng(0)
+    for _ in range(completed):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_int("conv_layers", 1, 4)
+        study.tell(trial, -abs(math.log10(lr) + 2) + 0.01 * rng.random())
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.9,
+                                              params={}, distributions={}, user_attrs={"baseline": True}))
+    return exp
+
+
+def test_parameter_importance_or_a_clear_reason(tmp_path):
+    scores, note = param_importance(load_experiment(study_with(tmp_path, 8)))
+    assert set(scores) == {"lr", "conv_layers"} and scores["lr"] > scores["conv_layers"]
+    assert "8 completed search trials" in note
+    scores, note = param_importance(load_experiment(study_with(tmp_path, 2)))
+    assert scores is None and "Too few completed trials" in note and "2 completed" in note
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+def test_export_picks_the_best_epoch_not_the_last(tmp_path, capsys):
+    exp = fake_experiment(tmp_path / "exp", {
+        "aaaa": {"status": "completed", "checkpoints": {
+            2: {"val_acc": 0.60, "val_loss": 1.5}, 3: {"val_acc": 0.40, "val_loss": 1.2}}},
+        "bbbb": {"status": "completed", "checkpoints": {
+            2: {"val_acc": 0.50, "val_loss": 1.1}, 3: {"val_acc": 0.55, "val_loss": 1.0}}},
+    })
+    out = tmp_path / "best.pt"
+    code, stdout, _ = run(capsys, "export", exp, "--out", out)
+    assert code == 0 and "trial aaaa, epoch 2, val_acc 0.6000" in stdout
+    state = torch.load(out, weights_only=True)
+    assert state["provenance"]["trial_id"] == "aaaa" and state["provenance"]["epoch"] == 2
+    assert state["metrics"]["val_acc"] == 0.60
+    source = torch.load(exp / "trial_aaaa" / "checkpoint_000001" / "checkpoint.pt", weights_only=True)
+    for name, tensor in source["model"].items():
+        assert torch.equal(state["model"][name], tensor), name
+    # Another metric, another winner: the lowest val_loss of all is trial bbbb's last epoch.
+    code, stdout, _ = run(capsys, "export", exp, "--out", tmp_path / "loss.pt", "--metric", "val_loss")
+    assert code == 0 and "trial bbbb, epoch 3, val_loss 1.0000" in stdout
+
+
+def test_export_of_the_real_search_is_its_best_epoch(small_search, exported):
+    exp = load_experiment(small_search)
+    reported = [r["val_acc"] for t in exp.trials.values() for r in exp.history(t) if not r.get("diverged")]
+    state = torch.load(exported, weights_only=True)
+    assert state["metrics"]["val_acc"] == pytest.approx(max(reported))
+    prov = state["provenance"]
+    assert prov["data_fingerprint"] == exp.meta["data_fingerprint"]
+    assert Path(prov["experiment"]) == small_search.resolve()
+    assert (small_search / prov["checkpoint"]).is_file()
+    assert state["groups"]["names"] == exp.meta["groups"]["names"]
+    assert set(state["norm"]) == {"mean", "std"} and isinstance(state["image_size"], int)
+    assert state["sha256"] == payload_sha256({k: v for k, v in state.items() if k != "sha256"})
+
+
+def test_export_never_overwrites_without_force(small_search, exported, capsys):
+    before = exported.read_bytes()
+    code, _, err = run(capsys, "export", small_search, "--out", exported)
+    assert code == 2 and "already exists" in one_line_error(err) and "--force" in err
+    assert exported.read_bytes() == before
+    copy = exported.with_name("again.pt")
+    shutil.copy(exported, copy)
+    assert run(capsys, "export", small_search, "--out", copy, "--force")[0] == 0
+    assert load_model(copy).kind == "export"
+
+
+def test_export_without_a_completed_trial(tmp_path, capsys):
+    exp = fake_experiment(tmp_path / "failed", {"aaaa": {"status": "errored"},
+                                                "bbbb": {"status": "diverged"}})
+    code, _, err = run(capsys, "export", exp, "--out", tmp_path / "best.pt")
+    line = one_line_error(err)
+    assert code == 2 and "no completed trial" in line and "1 errored" in line
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_torchscript_has_the_preprocessing_built_in(exported):
+    loaded = load_model(exported)
+    script = torch.jit.load(str(exported.with_name("best.torchscript.pt")))
+    size = loaded.image_size
+    images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    expected = torch.softmax(predict_logits(loaded.model, images, norm=loaded.normalizer()), 1)
+    with torch.no_grad():
+        assert torch.allclose(script(images), expected, atol=1e-5)
+        assert torch.allclose(script(images.float() / 255), expected, atol=1e-5)
+        larger = torch.nn.functional.interpolate(images.float(), scale_factor=2.0) / 255
+        assert script(larger).shape == (3, len(loaded.groups))
+
+
+# --- using the model -----------------------------------------------------------------------
+
+
+def test_exported_model_reproduces_evaluate(small_search, exported, search_data, capsys):
+    loaded = load_model(exported)
+    images = torch.from_numpy(search_data.images[loaded.image_size].copy())
+    labels = torch.from_numpy(search_data.labels.copy())
+    direct = evaluate(loaded.model, images, labels, norm=Normalizer(loaded.mean, loaded.std, "cpu"),
+                      num_classes=len(loaded.groups), ages=torch.from_numpy(search_data.ages.copy()),
+                      centers=loaded.groups.centers)
+    folder = Path(search_data.paths[0]).parent  # the synthetic faces, a UTKFace-named folder
+    code, out, err = run(capsys, "evaluate", exported, "--data", folder, "--format", "json", "--device", "cpu")
+    assert code == 0, err
+    got = json.loads(out)
+    for key in ("accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae"):
+        assert got[key] == pytest.approx(direct[key], abs=1e-6), key
+    assert got["confusion"] == direct["confusion"] and got["n_images"] == len(labels)
+    # On the validation split the export gives back the metrics it was chosen by.
+    rows = search_data.splits["val"]
+    val = evaluate_arrays(loaded, search_data.images[loaded.image_size][rows], search_data.labels[rows])
+    assert val["accuracy"] == pytest.approx(loaded.metrics["val_acc"], abs=1e-6)
+    code, out, _ = run(capsys, "evaluate", exported, "--data", folder)
+    assert code == 0 and f"accuracy           {direct['accuracy']:.4f}" in out
+
+
+def test_predict_a_folder(exported, search_data, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "more").mkdir(parents=True)
+    for i, src in enumerate(search_data.paths[:3]):
+        shutil.copy(src, (folder if i < 2 else folder / "more") / f"face{i}.jpg")
+    Image.new("RGB", (40, 30), (200, 150, 120)).save(folder / "wide.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    names = load_model(exported).groups.names
+
+    code, out, err = run(capsys, "predict", exported, folder)
+    assert code == 0
+    rows = out.strip().splitlines()[1:]
+    assert len(rows) == 4
+    for row in rows:
+        path, group = row.split()[:2]
+        assert Path(path).name in {"face0.jpg", "face1.jpg", "face2.jpg", "wide.png"}
+        assert group in names
+    assert "skipped 1 file" in err and "broken.jpg" in err
+
+    code, out, _ = run(capsys, "predict", exported, folder / "face0.jpg", "--format", "json", "--top", "2")
+    (row,) = json.loads(out)
+    probs = [t["probability"] for t in row["top"]]
+    assert code == 0 and len(probs) == 2 and probs[0] >= probs[1] and row["group"] == row["top"][0]["group"]
+    code, out, _ = run(capsys, "predict", exported, folder, "--format", "csv")
+    assert code == 0 and len(pd.read_csv(io.StringIO(out))) == 4
+
+
+def test_predict_takes_a_training_checkpoint(small_search, search_data, capsys):
+    checkpoint = next(small_search.glob("*/checkpoint_*/checkpoint.pt"))  # tune-age train's format
+    assert load_model(checkpoint).kind == "checkpoint"
+    code, out, _ = run(capsys, "predict", checkpoint, search_data.paths[0], "--format", "json")
+    assert code == 0 and json.loads(out)[0]["group"] in search_data.groups.names
+
+
+# --- files that must be refused ------------------------------------------------------------
+
+
+def test_tampered_exports_are_refused(exported, tmp_path, capsys, search_data):
+    state = torch.load(exported, weights_only=True)
+    weight = next(t for t in state["model"].values() if t.numel() >= 64)
+    data = bytearray(exported.read_bytes())
+    at = data.find(weight.numpy().tobytes()[:64])
+    assert at > 0
+    data[at + 3] ^= 0x01  # one bit of one weight
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    state["metrics"]["val_acc"] = 0.99
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    for bad in (flipped, edited):
+        with pytest.raises(ArtifactError, match=f"{bad.name}: sha256 mismatch"):
+            load_model(bad)
+        code, out, err = run(capsys, "predict", bad, search_data.paths[0])
+        assert code == 2 and out == "" and "sha256 mismatch" in one_line_error(err)
+
+
+class CodeInPickle:
+    """Unpickling this runs a shell command: exactly what weights_only loading must refuse."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickles_carrying_code_are_refused_and_not_run(tmp_path, capsys, search_data):
+    marker = tmp_path / "it-ran"
+    as_torch = tmp_path / "model.pt"
+    torch.save({"format": "tune_age.export", "model": CodeInPickle(marker)}, as_torch)
+    as_pickle = tmp_path / "model.pkl"
+    as_pickle.write_bytes(pickle.dumps(CodeInPickle(marker)))
+    for bad in (as_torch, as_pickle):
+        with pytest.raises(ArtifactError, match="refused"):
+            load_model(bad)
+        code, _, err = run(capsys, "predict", bad, search_data.paths[0])
+        line = one_line_error(err)
+        assert code == 2 and bad.name in line and "refused" in line and "nothing in this file was run" in line
+        code, _, err = run(capsys, "evaluate", bad, "--data", tmp_path)
+        assert code == 2 and "refused" in one_line_error(err)
+    assert not marker.exists()
+
+
+def test_files_that_are_not_tune_age_models(tmp_path, exported):
+    plain = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, plain)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(ArtifactError, match="not a tune_age export or checkpoint"):
+        load_model(plain)
+    with pytest.raises(ArtifactError, match="notes.pt: not a tune_age export or checkpoint"):
+        load_model(text)
+    with pytest.raises(ArtifactError, match="TorchScript"):
+        load_model(exported.with_name("best.torchscript.pt"))
+    with pytest.raises(ArtifactError, match="no such file"):
+        load_model(tmp_path / "missing.pt")
+    assert issubclass(ArtifactError, TuneAgeError)
+
+
+def test_render_rejects_an_unknown_format(small_search):
+    exp = load_experiment(small_search)
+    with pytest.raises(TuneAgeError, match="format 'xml' is not valid"):
+        render(exp, trials_table(exp), "xml")

@@ -1,0 +1,403 @@
+"""The best model of a search as one file, and loading models back safely.
+
+    ref = best_checkpoint(load_experiment(exp_dir))       # best epoch of any trial
+    result = export_best(exp_dir, "best.pt")                # weights + everything to use them
+    loaded = load_model("best.pt")                          # an export or a `tune-age train` checkpoint
+    probs = loaded.model(loaded.normalizer()(uint8_images)).softmax(1)
+
+The export is chosen over every checkpoint that Ray kept (the best ones of each trial),
+by the metric each checkpoint stores about its own epoch, so the winner is the best
+epoch of any trial, not the last epoch of the best trial. The file is a plain dict
+(tensors, numbers, strings) that loads with `torch.load(weights_only=True)`:
+
+    format, version, model (state_dict), config (TrainConfig), groups (names, edges),
+    norm (mean, std), image_size, square, metrics, history, provenance, sha256
+
+`sha256` covers everything else in the file (tensors by dtype, shape and bytes), so an
+edited or damaged export is refused. It is written to a temporary file and renamed
+into place, and never replaces an existing file unless asked to. `--torchscript` adds
+`<name>.torchscript.pt`: the network with its preprocessing (uint8 or [0, 1] float
+N x 3 x H x W in, resized to the model's size, probabilities out), which needs only
+torch: `torch.jit.load(path)(images)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .config import METRICS, TrainConfig
+from .data.groups import AgeGroups, groups_from_dict
+from .engine import Normalizer, resolve_device
+from .errors import ArtifactError, ConfigError, TuneAgeError
+from .model import build_model
+from .results import Experiment, load_experiment
+from .training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "tune_age.export"
+EXPORT_VERSION = 1
+TORCHSCRIPT_FORMAT = "tune_age.torchscript"
+CHECKPOINT_GLOB = "checkpoint_*/checkpoint.pt"
+FORMATS = {EXPORT_FORMAT: EXPORT_VERSION, CHECKPOINT_FORMAT: CHECKPOINT_VERSION}
+REQUIRED = ("model", "config", "groups", "norm", "image_size")
+
+
+# --- choosing the checkpoint -----------------------------------------------------------------
+
+
+@dataclass
+class CheckpointRef:
+    """One checkpoint Ray kept, with the metrics it stores about its own epoch."""
+
+    path: Path
+    trial_id: str
+    epoch: int
+    metrics: dict[str, Any]
+    baseline: bool = False
+
+    def value(self, metric: str) -> float | None:
+        value = self.metrics.get(metric)
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def list_checkpoints(exp: Experiment) -> list[CheckpointRef]:
+    """Every readable checkpoint of every trial folder, in folder and epoch order."""
+    by_dir = {t.get("dir"): t for t in exp.trials.values() if t.get("dir")}
+    refs = []
+    for file in sorted(exp.path.glob(f"*/{CHECKPOINT_GLOB}")):
+        folder = file.parent.parent.name
+        try:
+            # mmap: only the small metadata is read, not the weights.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # a checkpoint Ray was writing, or a damaged one
+            log.warning("skipping unreadable checkpoint %s: %s", file, type(exc).__name__)
+            continue
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            continue
+        entry = by_dir.get(folder, {})
+        refs.append(CheckpointRef(
+            path=file,
+            trial_id=entry.get("trial_id", folder.removeprefix("trial_")),
+            epoch=int(state.get("epoch", 0)),
+            metrics=dict(state.get("metrics") or {}),
+            baseline=bool(entry.get("config", {}).get("_baseline")),
+        ))
+    return refs
+
+
+def best_checkpoint(exp: Experiment, metric: str | None = None) -> CheckpointRef:
+    """The checkpoint with the best `metric` (default: the search's) over all epochs kept of
+    all trials; ties go to the lower val_loss. Raises TuneAgeError when there is none."""
+    metric = metric or exp.metric
+    if metric not in METRICS:
+        raise ConfigError(f"metric {metric!r} is not valid; choose one of {', '.join(METRICS)}")
+    sign = 1.0 if METRICS[metric] == "max" else -1.0
+    scored = [r for r in list_checkpoints(exp) if r.value(metric) is not None]
+    if not scored:
+        counts = ", ".join(f"{n} {s}" for s, n in _count(t["status"] for t in exp.trials.values()).items())
+        raise TuneAgeError(
+            f"{exp.path}: no completed trial has a checkpoint with a {metric} score "
+            f"(trials: {counts or 'none'}); nothing to export until a trial finishes an epoch"
+        )
+
+    def key(r: CheckpointRef) -> tuple[float, float]:
+        loss = r.value("val_loss")
+        return sign * r.value(metric), -(loss if loss is not None else math.inf)
+
+    return max(scored, key=key)
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+# --- hashing ---------------------------------------------------------------------------------
+
+
+def payload_sha256(obj: Any) -> str:
+    """A sha256 of nested dicts, lists, tensors and scalars that does not depend on how
+    torch lays out the file: dict keys sorted, tensors hashed by dtype, shape and bytes."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}|".encode())
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(f"S{json.dumps(obj, default=repr)}|".encode())
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode with everything needed to feed it and to read its output."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    groups: AgeGroups
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    square: str
+    kind: str  # "export" or "checkpoint"
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def normalizer(self) -> Normalizer:
+        return Normalizer(self.mean, self.std, self.device)
+
+
+def read_artifact(path: str | Path) -> dict[str, Any]:
+    """The dict in a tune_age export or checkpoint, loaded with weights_only=True and checked.
+
+    Refuses, with one line naming the file: a missing file, a file torch cannot read, a
+    pickle that needs Python objects other than tensors and plain values (it is never run),
+    a file that is not ours, and an export whose sha256 does not match its contents.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it asks for {found.group(1)}" if found else "it is not a PyTorch weights file"
+        raise ArtifactError(
+            f"{path}: refused: weights_only loading rejected it ({what}); a tune_age export or "
+            "checkpoint holds only tensors and plain values, so nothing in this file was run"
+        ) from None
+    except Exception as exc:
+        torchscript = "TorchScript" in str(exc)
+        raise ArtifactError(
+            f"{path}: this is a TorchScript file; load it with torch.jit.load, or give the .pt export"
+            if torchscript else
+            f"{path}: not a tune_age export or checkpoint (torch cannot read it: "
+            f"{type(exc).__name__}); it may be damaged or another kind of file"
+        ) from None
+    kind = state.get("format") if isinstance(state, dict) else None
+    if kind not in FORMATS:
+        raise ArtifactError(
+            f"{path}: not a tune_age export or checkpoint (its format is {kind!r}, expected "
+            f"{EXPORT_FORMAT!r} from `tune-age export` or {CHECKPOINT_FORMAT!r} from `tune-age train`)"
+        )
+    if not isinstance(state.get("version"), int) or state["version"] > FORMATS[kind]:
+        raise ArtifactError(
+            f"{path}: {kind} version {state.get('version')!r} is newer than this tune_age reads "
+            f"({FORMATS[kind]}); upgrade tune_age"
+        )
+    if kind == EXPORT_FORMAT:
+        body = {k: v for k, v in state.items() if k != "sha256"}
+        if state.get("sha256") != payload_sha256(body):
+            raise ArtifactError(
+                f"{path}: sha256 mismatch: the export was changed after it was written "
+                "(tampered with or damaged); refusing it; export the model again"
+            )
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise ArtifactError(f"{path}: {kind} without {', '.join(missing)}; it cannot be used")
+    return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """An export (`tune-age export`) or a checkpoint (`tune-age train`, or a search trial's),
+    rebuilt and loaded strictly, in eval mode on `device` ("auto": CUDA, MPS or CPU)."""
+    path = Path(path).expanduser()
+    state = read_artifact(path)
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+        groups = groups_from_dict(state["groups"])
+        # The weights come from the file: never download pretrained ones to build the network.
+        model = build_model(cfg.replace(pretrained=False), len(groups), int(state["image_size"]))
+        model.load_state_dict(state["model"], strict=True)
+    except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{path}: the model in it cannot be rebuilt: {first}") from None
+    model.to(resolve_device(device) if device == "auto" else torch.device(device)).eval()
+    return LoadedModel(
+        model=model, cfg=cfg, groups=groups,
+        mean=[float(v) for v in state["norm"]["mean"]], std=[float(v) for v in state["norm"]["std"]],
+        image_size=int(state["image_size"]), square=state.get("square", "crop"),
+        kind="export" if state["format"] == EXPORT_FORMAT else "checkpoint", path=path,
+        metrics=dict(state.get("metrics") or {}), provenance=dict(state.get("provenance") or {}),
+        sha256=state.get("sha256"),
+    )
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    checkpoint: CheckpointRef
+    metric: str
+    sha256: str
+    torchscript: Path | None = None
+
+    def lines(self) -> list[str]:
+        value = self.checkpoint.value(self.metric)
+        base = " (the seed baseline)" if self.checkpoint.baseline else ""
+        out = [
+            f"best checkpoint: trial {self.checkpoint.trial_id}{base}, epoch {self.checkpoint.epoch}, "
+            f"{self.metric} {value:.4f}",
+            f"wrote {self.path} (sha256 {self.sha256[:16]}...)",
+        ]
+        if self.torchscript:
+            out.append(f"wrote {self.torchscript} (TorchScript with preprocessing; needs only torch)")
+        return out
+
+
+def torchscript_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.torchscript{out.suffix or '.pt'}")
+
+
+def export_best(
+    exp_dir: str | Path,
+    out: str | Path,
+    metric: str | None = None,
+    force: bool = False,
+    torchscript: bool = False,
+) -> ExportResult:
+    """Writes the best checkpoint of the experiment as one verified file (see the module doc)."""
+    out = Path(out).expanduser()
+    targets = [out] + ([torchscript_path(out)] if torchscript else [])
+    for target in targets:
+        if target.exists() and not force:
+            raise TuneAgeError(f"{target} already exists; choose another --out or add --force to replace it")
+        if target.is_dir():
+            raise TuneAgeError(f"{target} is a folder; give a file name such as best.pt")
+    exp = load_experiment(exp_dir)
+    metric = metric or exp.metric
+    ref = best_checkpoint(exp, metric)
+    state = read_artifact(ref.path)
+    payload = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "model": state["model"],
+        "config": state["config"],
+        "groups": state["groups"],
+        "norm": state["norm"],
+        "image_size": int(state["image_size"]),
+        "square": exp.meta.get("data", {}).get("square", "crop"),
+        "metrics": state.get("metrics") or {},
+        "history": state.get("history") or [],
+        "provenance": {
+            "experiment": str(exp.path.resolve()),
+            "experiment_name": exp.name,
+            "trial_id": ref.trial_id,
+            "baseline": ref.baseline,
+            "epoch": ref.epoch,
+            "checkpoint": str(ref.path.relative_to(exp.path)),
+            "selected_by": {"metric": metric, "mode": METRICS[metric], "value": ref.value(metric)},
+            "data_fingerprint": state.get("data_fingerprint"),
+            "data_source": exp.meta.get("data_source"),
+            "data_config": exp.meta.get("data"),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"tune_age": __version__, "torch": str(torch.__version__)},
+        },
+    }
+    payload["sha256"] = payload_sha256(payload)
+    save_atomic(payload, out)
+    _usual_mode(out)
+    loaded = load_model(out)  # reads it back: hash, strict load and all
+    script = _write_torchscript(loaded, torchscript_path(out)) if torchscript else None
+    log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
+    return ExportResult(out, ref, metric, payload["sha256"], script)
+
+
+class Packaged(nn.Module):
+    """The network with its preprocessing: images in (uint8 0-255, or float 0-1), any size
+    (resized bilinearly to the model's), probabilities per age group out."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], image_size: int):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.image_size = image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            x = images.float() / 255.0
+        else:
+            x = images.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=[self.image_size, self.image_size], mode="bilinear",
+                              align_corners=False, antialias=True)
+        return torch.softmax(self.model((x - self.mean) / self.std), dim=1)
+
+
+def _write_torchscript(loaded: LoadedModel, out: Path) -> Path:
+    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size).eval()
+    meta = {
+        "format": TORCHSCRIPT_FORMAT,
+        "groups": loaded.groups.to_dict(),
+        "image_size": loaded.image_size,
+        "input": "uint8 0-255 or float 0-1, N x 3 x H x W, RGB; resized to image_size",
+        "output": "probabilities, N x len(groups)",
+        "export_sha256": loaded.sha256,
+    }
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still works
+            scripted = torch.jit.script(packaged)
+            torch.jit.save(scripted, tmp, _extra_files={"tune_age.json": json.dumps(meta)})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _usual_mode(out)
+    return out
+
+
+def _usual_mode(path: Path) -> None:
+    """Temporary files are created private (0600); give the artifact the umask's usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,182 @@
+"""Using a model: age groups of images (`predict`), metrics on a labelled set (`evaluate`).
+
+Both take an export (`tune-age export`) or a `tune-age train` checkpoint, and decode
+images exactly as training did (EXIF rotation, RGB, square crop, resized to the model's
+size), so a model sees the same pixels here as in the search.
+
+    rows, skipped = predict("best.pt", ["face.jpg", "photos/"], top=3)
+    metrics = evaluate("best.pt", "~/data/UTKFace")   # accuracy, one_off, macro_f1, ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data.decode import decode_images, decode_one
+from .data.sources import is_image, read_manifest
+from .engine import evaluate as engine_evaluate
+from .engine import predict_logits
+from .errors import ConfigError, DataError
+from .export import LoadedModel, load_model
+from .training import as_tensor
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("table", "csv", "json")
+METRIC_KEYS = ("accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae")
+
+
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Image files named directly, and those in folders (recursively, hidden ones skipped)."""
+    files: list[Path] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = []
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [Path(folder, n) for n in sorted(names) if is_image(n)]
+            if not found:
+                raise DataError(f"{path}: no image files in this folder (or its sub-folders)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+def _decode(files: list[Path], size: int, square: str) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
+    """Decodes without the on-disk cache: predictions are one-off, not worth caching."""
+    def one(file: Path):
+        try:
+            return decode_one(str(file), size, square), None
+        except Exception as exc:  # an unreadable file is reported, not fatal
+            return None, str(exc) or type(exc).__name__
+
+    with ThreadPoolExecutor(max(1, min(8, len(files)))) as pool:
+        results = list(pool.map(one, files))
+    kept = [f for f, (img, _) in zip(files, results) if img is not None]
+    skipped = [(str(f), why) for f, (img, why) in zip(files, results) if img is None]
+    images = np.stack([img for img, _ in results if img is not None]) if kept else None
+    return images, kept, skipped
+
+
+def probabilities(loaded: LoadedModel, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Softmax over the age groups for uint8 images N x 3 x S x S at the model's size."""
+    x = as_tensor(np.asarray(images))
+    logits = predict_logits(loaded.model, x, norm=loaded.normalizer(), batch_size=batch_size)
+    return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def predict(
+    model: str | Path | LoadedModel,
+    inputs: list[str | Path],
+    top: int = 3,
+    device: str = "cpu",
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """One row per readable image: path, group, probability and the `top` groups with theirs;
+    plus the (path, reason) of images that could not be read."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    if top < 1:
+        raise ConfigError(f"--top {top} is not valid; give 1 or more")
+    files = image_files(inputs)
+    images, kept, skipped = _decode(files, loaded.image_size, loaded.square)
+    if images is None:
+        first = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:3])
+        raise DataError(f"none of the {len(files)} files could be read as an image (first: {first})")
+    probs = probabilities(loaded, images)
+    k = min(top, len(loaded.groups))
+    values, indices = probs.topk(k, dim=1)
+    names = loaded.groups.names
+    rows = []
+    for file, vals, idx in zip(kept, values.tolist(), indices.tolist()):
+        rows.append({
+            "path": str(file),
+            "group": names[idx[0]],
+            "probability": vals[0],
+            "top": [{"group": names[i], "probability": v} for i, v in zip(idx, vals)],
+        })
+    return rows, skipped
+
+
+def prediction_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Flat columns for CSV: path, group, probability, group_1, probability_1, ..."""
+    flat = []
+    for row in rows:
+        item = {"path": row["path"], "group": row["group"], "probability": row["probability"]}
+        for i, t in enumerate(row["top"], 1):
+            item[f"group_{i}"], item[f"probability_{i}"] = t["group"], t["probability"]
+        flat.append(item)
+    return pd.DataFrame(flat)
+
+
+def evaluate_arrays(
+    loaded: LoadedModel,
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    ages: np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """engine.evaluate on decoded images; `mae` only when some ages are known."""
+    # Copies: pandas hands out read-only arrays, which torch warns about sharing.
+    ages_t = None if ages is None else torch.tensor(np.array(ages, dtype=np.float32))
+    result = engine_evaluate(
+        loaded.model, as_tensor(np.asarray(images)), torch.tensor(np.array(labels, dtype=np.int64)),
+        norm=loaded.normalizer(), num_classes=len(loaded.groups), ages=ages_t,
+        centers=loaded.groups.centers, batch_size=batch_size,
+    )
+    out = {k: result[k] for k in METRIC_KEYS if result.get(k) is not None}
+    out["confusion"] = result["confusion"]
+    out["loss"] = result["loss"]
+    out["n_images"] = int(len(labels))
+    out["groups"] = loaded.groups.names
+    return out
+
+
+def evaluate(
+    model: str | Path | LoadedModel,
+    data: str | Path,
+    layout: str = "auto",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Metrics of the model on a labelled set in any supported layout (utkface, folders, csv),
+    labelled with the model's own age groups. Keys: accuracy, one_off, macro_f1,
+    balanced_accuracy, mae (years; when ages are known), confusion (rows: true group),
+    loss, n_images, groups, skipped."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    table, skipped = read_manifest(Path(data), layout, loaded.groups)
+    images, kept, failed = decode_images(table["path"].tolist(), loaded.image_size, loaded.square)
+    if len(kept) == 0:
+        raise DataError(f"{data}: none of the {len(table)} images could be decoded")
+    table = table.iloc[kept]
+    ages = table["age"].to_numpy(np.float32)
+    metrics = evaluate_arrays(loaded, images, table["group"].to_numpy(np.int64),
+                              None if np.isnan(ages).all() else ages)
+    metrics["skipped"] = len(skipped) + len(failed)
+    return metrics
+
+
+def metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """The metrics and the confusion matrix as aligned text."""
+    lines = [f"{metrics['n_images']} images"
+             + (f" ({metrics['skipped']} skipped)" if metrics.get("skipped") else "")]
+    for key in METRIC_KEYS:
+        if key in metrics:
+            unit = " years" if key == "mae" else ""
+            lines.append(f"{key:<18} {metrics[key]:.4f}{unit}")
+    names = metrics["groups"]
+    width = max(6, *(len(n) for n in names), *(len(str(c)) for r in metrics["confusion"] for c in r))
+    lines.append("confusion (rows: true group, columns: predicted)")
+    lines.append(" " * width + " " + " ".join(n.rjust(width) for n in names))
+    for name, row in zip(names, metrics["confusion"]):
+        lines.append(name.rjust(width) + " " + " ".join(str(c).rjust(width) for c in row))
+    return lines

@@ -1,0 +1,638 @@
+"""The report of a search: which configurations work, why, and how the best model does.
+
+    report = write_report("~/tune_age_results/search-20261128-120000")   # -> <exp>/report/
+    print("\\n".join(report.summary))
+
+writes `report.md`, a self-contained `report.html` (plots embedded as base64 PNGs) and
+the PNG plots:
+- the top configurations with the seed baseline's row beside them;
+- parameter importance from `optuna.importance.get_param_importances` on the stored
+  study (its completed search trials; too few of them is said, not hidden);
+- learning curves of the top trials (their result.json), the metric against each
+  searched hyperparameter, and the optimization history;
+- the best checkpoint (see export.best_checkpoint) on the validation split: metrics,
+  confusion matrix, per-group accuracy;
+- the same model on the **test split**: the only place tune_age uses it. The split is
+  rebuilt with the search's own DataConfig (tune_age.json) and checked against the
+  data fingerprint and split.csv; when the data is missing or changed, the
+  evaluations are skipped and the report says why;
+- with `rerun_top=K`, the top K configurations retrained on the CPU with `seeds` seeds
+  each and ranked by mean and spread (kept in `<exp>/rerun.json`, shown when present).
+
+Plots use matplotlib's Agg canvas through `Figure`, never pyplot, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import DataConfig, TrainConfig
+from .errors import ConfigError, TuneAgeError
+from .export import CheckpointRef, best_checkpoint, list_checkpoints, load_model
+from .results import (
+    FAILED, Experiment, fmt, hyperparameters, load_experiment, markdown_table, status_counts,
+    trials_table,
+)
+from .search import SPLIT_FILE
+
+log = logging.getLogger(__name__)
+progress = logging.getLogger("tune_age.progress")
+
+RERUN_FILE = "rerun.json"
+MIN_IMPORTANCE_TRIALS = 3  # fewer completed trials make any importance estimate noise
+CURVES = 5  # trials in the learning-curve plot
+DPI = 90
+_RECOMPUTED = {"val_acc": "accuracy", "val_one_off": "one_off", "val_f1": "macro_f1",
+               "val_balanced_acc": "balanced_accuracy", "val_loss": "loss", "val_mae": "mae"}
+
+
+# --- a small document that renders as Markdown and as HTML -----------------------------------
+
+
+class Doc:
+    def __init__(self) -> None:
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        self.blocks.append(("table", header, [[str(c) for c in r] for r in rows]))
+
+    def img(self, file: Path, alt: str) -> None:
+        self.blocks.append(("img", file, alt))
+
+    def markdown(self) -> str:
+        out = []
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h":
+                out.append("#" * block[1] + " " + block[2])
+            elif kind == "p":
+                out.append(block[1])
+            elif kind == "table":
+                out.append(markdown_table(block[1], block[2]).rstrip())
+            else:
+                out.append(f"![{block[2]}]({block[1].name})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h":
+                body.append(f"<h{block[1]}>{_inline(block[2])}</h{block[1]}>")
+            elif kind == "p":
+                body.append(f"<p>{_inline(block[1])}</p>")
+            elif kind == "table":
+                head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
+                rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>"
+                               for r in block[2])
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            else:
+                data = base64.b64encode(block[1].read_bytes()).decode()
+                body.append(f'<figure><img alt="{html.escape(block[2])}" '
+                            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(block[2])}'
+                            "</figcaption></figure>")
+        return (
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n"
+        )
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;"
+    "color:#222}table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}"
+    "td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f3f3f3}"
+    "td:first-child,th:first-child{text-align:left}code{background:#f3f3f3;padding:0 .2rem}"
+    "img{max-width:100%}figure{margin:1rem 0}figcaption{color:#666;font-size:.85rem}"
+)
+
+
+def _inline(text: str) -> str:
+    text = html.escape(str(text).replace("\\|", "|"))
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+# --- parameter importance --------------------------------------------------------------------
+
+
+def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
+    """(importances, a sentence for the report); None with the reason when it cannot be had."""
+    if not exp.study_path.is_file():
+        return None, f"No Optuna study ({exp.study_path.name}) in the experiment folder."
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp.study_path.resolve()}")
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.params and not t.user_attrs.get("baseline")]
+    if len(done) < MIN_IMPORTANCE_TRIALS:
+        return None, (
+            f"Too few completed trials to estimate parameter importance: {len(done)} completed "
+            f"search trial(s), at least {MIN_IMPORTANCE_TRIALS} needed (trials stopped early by "
+            "ASHA and the seed baseline do not count). Run more trials (`--num-samples`)."
+        )
+    copy = optuna.create_study(direction=study.direction)
+    copy.add_trials(done)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(copy)
+    except Exception as exc:  # e.g. conditional parameters present in too few trials
+        return None, f"Parameter importance could not be computed: {exc}"
+    return dict(importances), (
+        f"From `optuna.importance.get_param_importances` (Optuna's default evaluator) on "
+        f"{len(done)} completed search trials of the stored study; each trial's objective is "
+        f"the {exp.metric} it finished with. With few trials these are rough."
+    )
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, file: Path) -> Path:
+    fig.savefig(file, format="png")
+    return file
+
+
+def plot_history(exp: Experiment, file: Path) -> Path:
+    """Each trial's best metric in start order, the running best, the baseline starred."""
+    trials = sorted(exp.trials.values(), key=lambda t: t.get("started") or 0)
+    fig = _figure(7, 3.6)
+    ax = fig.add_subplot()
+    sign = 1 if exp.mode == "max" else -1
+    running, best = [], None
+    for i, t in enumerate(trials, 1):
+        value = t["best"]
+        if value is not None and t["status"] not in FAILED:
+            best = value if best is None or sign * value > sign * best else best
+            marker = "*" if t.get("config", {}).get("_baseline") else "o"
+            color = "tab:blue" if t["status"] == "completed" else "tab:gray"
+            ax.scatter([i], [value], marker=marker, s=90 if marker == "*" else 30, color=color, zorder=3)
+        running.append(best)
+    ax.plot(range(1, len(trials) + 1), [np.nan if r is None else r for r in running],
+            color="tab:orange", drawstyle="steps-post", label="best so far")
+    _integer_x(ax)
+    ax.set_xlabel("trial (in start order); gray: stopped early, star: seed baseline")
+    ax.set_ylabel(f"best {exp.metric}")
+    ax.set_title("Optimization history")
+    ax.legend(loc="best")
+    return _save(fig, file)
+
+
+def plot_curves(exp: Experiment, entries: list[dict[str, Any]], file: Path) -> Path:
+    """The metric and the losses per epoch of the given trials."""
+    fig = _figure(10, 3.8)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, t in enumerate(entries):
+        rows = [r for r in exp.history(t) if not r.get("diverged")]
+        if not rows:
+            continue
+        color = f"C{i % 10}"
+        label = t["trial_id"] + (" (baseline)" if t.get("config", {}).get("_baseline") else "")
+        epochs = [r.get("epoch") for r in rows]
+        left.plot(epochs, [r.get(exp.metric) for r in rows], marker="o", color=color, label=label)
+        right.plot(epochs, [r.get("train_loss") for r in rows], color=color, linestyle="--")
+        right.plot(epochs, [r.get("val_loss") for r in rows], color=color, marker="o")
+    losses = [v for line in right.get_lines() for v in line.get_ydata() if v is not None and v > 0]
+    if losses and max(losses) > 20 * min(losses):  # one runaway trial would flatten the rest
+        right.set_yscale("log")
+    for ax in (left, right):
+        _integer_x(ax)
+    left.set(xlabel="epoch", ylabel=exp.metric, title=f"{exp.metric} of the top trials")
+    right.set(xlabel="epoch", ylabel="loss", title="val loss (solid) and train loss (dashed)")
+    if left.get_lines():
+        left.legend(fontsize="small")
+    return _save(fig, file)
+
+
+def plot_params(exp: Experiment, frame: pd.DataFrame, params: list[str], file: Path) -> Path | None:
+    """The best metric of each search trial against each searched hyperparameter."""
+    col = f"best_{exp.metric}"
+    rows = frame[~frame["baseline"] & frame[col].notna()]
+    if rows.empty or not params:
+        return None
+    base = frame[frame["baseline"] & frame[col].notna()]
+    specs = exp.meta.get("space", {}).get("values", {}).get("params", {})
+    ncols = min(4, len(params))
+    nrows = math.ceil(len(params) / ncols)
+    fig = _figure(3.1 * ncols, 2.6 * nrows)
+    colors = ["tab:blue" if s == "completed" else "tab:gray" for s in rows["status"]]
+    for i, name in enumerate(params, 1):
+        ax = fig.add_subplot(nrows, ncols, i)
+        values = rows[name].tolist()
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            ax.scatter(values, rows[col], c=colors, s=20)
+            if "loguniform" in (specs.get(name) or {}) and min(values) > 0:
+                ax.set_xscale("log")
+            elif all(isinstance(v, int) for v in values):
+                _integer_x(ax)
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], rows[col], c=colors, s=20)
+            ax.set_xticks(range(len(labels)), labels, fontsize="small")
+        if not base.empty:
+            ax.axhline(base[col].iloc[0], color="tab:red", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize="medium")
+        if (i - 1) % ncols == 0:
+            ax.set_ylabel(f"best {exp.metric}")
+    fig.suptitle("metric against each hyperparameter (gray: stopped early; red line: seed baseline)",
+                 fontsize="medium")
+    return _save(fig, file)
+
+
+def plot_importance(importances: dict[str, float], file: Path) -> Path:
+    names = list(importances)[::-1]
+    fig = _figure(6, 0.35 * len(names) + 1.2)
+    ax = fig.add_subplot()
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance", title="Parameter importance")
+    return _save(fig, file)
+
+
+def plot_confusion(names: list[str], confusion: list[list[int]], title: str, file: Path) -> Path:
+    counts = np.asarray(confusion, dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = _figure(0.55 * len(names) + 2.5, 0.5 * len(names) + 2)
+    ax = fig.add_subplot()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), n in np.ndenumerate(counts):
+        if n:
+            ax.text(c, r, int(n), ha="center", va="center", fontsize="small",
+                    color="white" if share[r, c] > 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(range(len(names)), names, fontsize="small")
+    ax.set(xlabel="predicted group", ylabel="true group", title=title)
+    return _save(fig, file)
+
+
+def plot_groups(names: list[str], series: dict[str, list[float | None]], file: Path) -> Path:
+    fig = _figure(7, 3.4)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, [np.nan if v is None else v for v in values], width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+    ax.set(ylabel="accuracy within the group", ylim=(0, 1), title="Per-group accuracy of the best model")
+    ax.legend()
+    return _save(fig, file)
+
+
+# --- evaluating the best model ---------------------------------------------------------------
+
+
+def per_group_accuracy(confusion: list[list[int]]) -> list[float | None]:
+    counts = np.asarray(confusion)
+    return [None if row.sum() == 0 else float(row[i] / row.sum()) for i, row in enumerate(counts)]
+
+
+def load_search_data(exp: Experiment, sizes: list[int | str]):
+    """The search's data and split, rebuilt from tune_age.json; (data, None) or (None, why)."""
+    from .data import load_data
+
+    try:
+        data = load_data(DataConfig.from_dict(exp.meta["data"]), sizes, progress=False)
+    except TuneAgeError as exc:
+        return None, f"the search's data could not be loaded ({exc})"
+    if data.fingerprint != exp.meta.get("data_fingerprint"):
+        return None, ("the data changed since the search (its fingerprint differs), so the "
+                      "split would not be the search's")
+    split_file = exp.path / SPLIT_FILE
+    if split_file.is_file():
+        saved = pd.read_csv(split_file)
+        now = data.split_table()
+        if list(saved["path"]) != list(now["path"]) or list(saved["split"]) != list(now["split"]):
+            return None, f"the rebuilt split does not match {SPLIT_FILE}"
+    return data, None
+
+
+def evaluate_checkpoint(ref: CheckpointRef, data, splits=("val", "test")) -> dict[str, Any]:
+    from .predict import evaluate_arrays
+
+    loaded = load_model(ref.path)
+    images = data.images[loaded.image_size]
+    out = {}
+    for split in splits:
+        rows = data.splits[split]
+        if len(rows):
+            out[split] = evaluate_arrays(loaded, images[rows], data.labels[rows], data.ages[rows])
+    return out
+
+
+# --- seed reruns -----------------------------------------------------------------------------
+
+
+def rerun_top(exp: Experiment, k: int, seeds: int, data=None) -> dict[str, Any]:
+    """Retrains the top k configurations with `seeds` seeds each on the CPU for the search's
+    max_epochs; ranks them by the mean of each run's best metric (then the smaller spread).
+    Writes and returns `<exp>/rerun.json`."""
+    from .engine import Diverged
+    from .tracking import write_json_atomic
+    from .training import run_epoch, start_run
+
+    if k < 1 or seeds < 1:
+        raise ConfigError(f"--rerun-top {k} --seeds {seeds}: both must be 1 or more")
+    metric, max_epochs = exp.metric, int(exp.meta["max_epochs"])
+    sign = 1 if exp.mode == "max" else -1
+    table = trials_table(exp)
+    entries = [exp.trials[t] for t in table["trial_id"]
+               if exp.trials[t]["best"] is not None and exp.trials[t]["status"] not in FAILED][:k]
+    if not entries:
+        raise TuneAgeError(f"{exp.path}: no trial has a score yet; nothing to rerun")
+    configs = [TrainConfig.from_dict({**hyperparameters(t), "epochs": max_epochs, "device": "cpu",
+                                      "amp": False}) for t in entries]
+    if data is None:
+        data, why = load_search_data(exp, sorted({c.image_size for c in configs}, key=str))
+        if data is None:
+            raise TuneAgeError(f"cannot rerun: {why}")
+    results = []
+    for entry, cfg in zip(entries, configs):
+        scores = []
+        for seed in range(seeds):
+            run = start_run(cfg.replace(seed=seed), data, torch.device("cpu"))
+            values = []
+            try:
+                for _ in range(max_epochs):
+                    values.append(run_epoch(run)[metric])
+            except Diverged:
+                values = []
+            score = max(values, key=lambda v: sign * v) if values else None
+            scores.append(score)
+            progress.info(f"rerun trial {entry['trial_id']} seed {seed}: "
+                          f"{metric} {'diverged' if score is None else f'{score:.4f}'}")
+        finite = [s for s in scores if s is not None]
+        results.append({
+            "trial_id": entry["trial_id"], "baseline": bool(entry["config"].get("_baseline")),
+            "search_best": entry["best"], "scores": scores,
+            "mean": float(np.mean(finite)) if finite else None,
+            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+            "diverged": len(scores) - len(finite),
+        })
+    results.sort(key=lambda r: (r["mean"] is None, -sign * (r["mean"] or 0), r["std"] or 0))
+    out = {"metric": metric, "mode": exp.mode, "seeds": list(range(seeds)), "max_epochs": max_epochs,
+           "data_fingerprint": data.fingerprint, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "configs": results}
+    write_json_atomic(exp.path / RERUN_FILE, out)
+    return out
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    markdown: Path
+    html: Path
+    plots: list[Path] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
+
+def write_report(
+    exp_dir: str | Path,
+    out: str | Path | None = None,
+    top: int = 5,
+    rerun_top_k: int = 0,
+    seeds: int = 3,
+    evaluate: bool = True,
+) -> Report:
+    exp = load_experiment(exp_dir)
+    out = Path(out).expanduser() if out else exp.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metric, doc, summary, plots = exp.metric, Doc(), [], []
+    frame = trials_table(exp)
+    searched = [p for p in exp.searched_params() if p in frame.columns]
+
+    doc.h(1, f"Search report: {exp.name}")
+    doc.p(f"Experiment `{exp.path}`, started {exp.meta.get('created', '?')}; report written "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")
+    doc.p(f"Data: {exp.meta.get('data_source', '?')}; age groups {', '.join(exp.meta['groups']['names'])}. "
+          f"Space `{exp.meta['space']['name']}` ({len(searched)} searched parameters), "
+          f"{exp.meta['num_samples']} trials of up to {exp.meta['max_epochs']} epochs. "
+          f"Metric **{metric}** ({exp.mode}). Trials: {status_counts(exp)}.")
+
+    # Best configurations, the seed baseline beside them.
+    doc.h(2, "Best configurations")
+    scored = frame[frame[f"best_{metric}"].notna() & ~frame["status"].isin(FAILED)]
+    shown = scored.head(top)
+    base = frame[frame["baseline"]]
+    if not base.empty and base["trial_id"].iloc[0] not in set(shown["trial_id"]):
+        shown = pd.concat([shown, base])
+    if shown.empty:
+        doc.p("No trial has a score yet.")
+    else:
+        header = ["rank", "trial", "status", "epochs", f"best {metric}", "at epoch", f"last {metric}"] + searched
+        rank = {t: i for i, t in enumerate(scored["trial_id"], 1)}
+        rows = []
+        for r in shown.to_dict("records"):
+            name = r["trial_id"] + (" (seed baseline)" if r["baseline"] else "")
+            rows.append([rank.get(r["trial_id"], "-"), name, r["status"], r["epochs"],
+                         _num(r[f"best_{metric}"]), fmt(None if pd.isna(r["best_epoch"]) else int(r["best_epoch"])),
+                         _num(r[f"last_{metric}"])] + [fmt(r[p]) for p in searched])
+        doc.table(header, rows)
+        doc.p("The seed baseline is the original notebook's configuration, trained the same way; "
+              "its values of the searched parameters are its own, outside the space where they differ.")
+        best = scored.iloc[0] if not scored.empty else None
+        if best is not None:
+            summary.append(f"best {metric}: {best[f'best_{metric}']:.4f} (trial {best['trial_id']}, "
+                           f"epoch {int(best['best_epoch'])})")
+        if not base.empty and pd.notna(base[f"best_{metric}"].iloc[0]):
+            summary.append(f"seed baseline {metric}: {base[f'best_{metric}'].iloc[0]:.4f}")
+
+    # Importance.
+    doc.h(2, "Parameter importance")
+    importances, note = param_importance(exp)
+    doc.p(note)
+    if importances:
+        doc.table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in importances.items()])
+        plots.append(plot_importance(importances, out / "importance.png"))
+        doc.img(plots[-1], "Parameter importance")
+        top3 = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.items())[:3])
+        summary.append(f"most important: {top3}")
+    else:
+        reason = note.split(":")[0].split(". ")[0].rstrip(".")
+        summary.append(f"parameter importance: not estimated ({reason[0].lower()}{reason[1:]})")
+
+    # Curves, metric vs parameters, history.
+    if exp.trials:
+        doc.h(2, "Learning curves")
+        top_entries = [exp.trials[t] for t in scored["trial_id"].head(CURVES)]
+        if not base.empty and base["trial_id"].iloc[0] not in {t["trial_id"] for t in top_entries}:
+            top_entries.append(exp.trials[base["trial_id"].iloc[0]])
+        top_entries = [t for t in top_entries if exp.history(t)]
+        if top_entries:
+            plots.append(plot_curves(exp, top_entries, out / "learning_curves.png"))
+            doc.img(plots[-1], f"Learning curves of the top {len(top_entries)} trials (from result.json)")
+        else:
+            doc.p("No scored trial has reported an epoch in its result.json yet.")
+        doc.h(2, f"{metric} against each hyperparameter")
+        params_png = plot_params(exp, frame, searched, out / "params.png")
+        if params_png:
+            plots.append(params_png)
+            doc.img(params_png, f"best {metric} of each search trial against each searched hyperparameter")
+        else:
+            doc.p("No search trial has a score yet." if searched else "The space searched no hyperparameters.")
+        doc.h(2, "Optimization history")
+        plots.append(plot_history(exp, out / "history.png"))
+        doc.img(plots[-1], "Optimization history: each trial's best score and the best so far")
+
+    # The best model on validation and test.
+    if evaluate:
+        plots += _model_sections(exp, doc, summary, out)
+
+    # Seed reruns.
+    rerun = None
+    if rerun_top_k:
+        rerun = rerun_top(exp, rerun_top_k, seeds)
+    elif (exp.path / RERUN_FILE).is_file():
+        rerun = json.loads((exp.path / RERUN_FILE).read_text())
+    if rerun:
+        _rerun_section(exp, rerun, doc, summary)
+
+    failed = exp.failed()
+    if failed:
+        doc.h(2, "Failed trials")
+        doc.table(["trial", "status", "attempts", "last error"],
+                  [[t["trial_id"], t["status"], t["attempts"],
+                    (t["errors"][-1] if t["errors"] else (t.get("last") or {}).get("error", ""))]
+                   for t in failed])
+
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(doc.markdown())
+    page.write_text(doc.html(f"tune_age report: {exp.name}"))
+    summary.insert(0, f"report: {md} and {page} ({len(plots)} plots)")
+    return Report(md, page, plots, summary)
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _metrics_rows(named: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    keys = ["accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae", "loss"]
+    keys = [k for k in keys if any(k in m for m in named.values())]
+    return ["model"] + keys + ["images"], [
+        [name] + [_num(m.get(k)) for k in keys] + [str(m["n_images"])] for name, m in named.items()
+    ]
+
+
+def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) -> list[Path]:
+    doc.h(2, "The best model on the validation split")
+    try:
+        ref = best_checkpoint(exp)
+    except TuneAgeError as exc:
+        doc.p(f"Not evaluated: {exc}")
+        return []
+    base_refs = [r for r in list_checkpoints(exp) if r.baseline and r.value(exp.metric) is not None]
+    sign = 1 if exp.mode == "max" else -1
+    base_ref = max(base_refs, key=lambda r: sign * r.value(exp.metric)) if base_refs else None
+    sizes = sorted({int(torch.load(r.path, map_location="cpu", weights_only=True, mmap=True)["image_size"])
+                    for r in [ref] + ([base_ref] if base_ref else [])})
+    data, why = load_search_data(exp, sizes)
+    doc.p(f"The best checkpoint over every epoch kept of every trial: trial `{ref.trial_id}`"
+          f"{' (the seed baseline)' if ref.baseline else ''}, epoch {ref.epoch} "
+          f"(`{ref.path.relative_to(exp.path)}`), which stored {exp.metric} {ref.value(exp.metric):.4f}.")
+    if data is None:
+        doc.p(f"Not evaluated: {why}.")
+        doc.h(2, "Test split")
+        doc.p(f"Not evaluated: {why}.")
+        summary.append(f"best model not evaluated: {why}")
+        return []
+    result = evaluate_checkpoint(ref, data)
+    plots = []
+    names = data.groups.names
+    val = result["val"]
+    header, rows = _metrics_rows({"best": val})
+    doc.table(header, rows)
+    again, stored = val.get(_RECOMPUTED[exp.metric]), ref.value(exp.metric)
+    if again is not None and stored is not None and abs(again - stored) > 1e-4:
+        doc.p(f"Note: recomputed here, {exp.metric} is {again:.4f}, not the {stored:.4f} the "
+              "checkpoint stored; the model or the data differ from the search's.")
+    plots.append(plot_confusion(names, val["confusion"], "Confusion matrix, validation split",
+                                out / "confusion_val.png"))
+    doc.img(plots[-1], "Confusion matrix of the best model on the validation split (rows: true group)")
+    series = {"validation": per_group_accuracy(val["confusion"])}
+    counts = np.asarray(val["confusion"]).sum(1)
+    group_rows = [[n, int(c), _num(a)] for n, c, a in zip(names, counts, series["validation"])]
+
+    doc.h(2, "Test split")
+    test = result.get("test")
+    if test is None:
+        doc.p("The search's data has no test split (test_fraction=0).")
+    else:
+        named = {f"best (trial {ref.trial_id}, epoch {ref.epoch})": test}
+        if base_ref is not None and base_ref.path != ref.path:
+            named[f"seed baseline (trial {base_ref.trial_id}, epoch {base_ref.epoch})"] = \
+                evaluate_checkpoint(base_ref, data, ("test",))["test"]
+        doc.p("The test split is used only here, once the search is over: no trial, "
+              "checkpoint choice or ranking has seen it.")
+        header, rows = _metrics_rows(named)
+        doc.table(header, rows)
+        plots.append(plot_confusion(names, test["confusion"], "Confusion matrix, test split",
+                                    out / "confusion_test.png"))
+        doc.img(plots[-1], "Confusion matrix of the best model on the test split")
+        series["test"] = per_group_accuracy(test["confusion"])
+        tcounts = np.asarray(test["confusion"]).sum(1)
+        group_rows = [r + [int(c), _num(a)] for r, c, a in zip(group_rows, tcounts, series["test"])]
+        summary.append(f"test split (best model): accuracy {test['accuracy']:.4f}, one_off "
+                       f"{test['one_off']:.4f}, macro_f1 {test['macro_f1']:.4f}")
+    doc.h(3, "Per-group accuracy")
+    doc.table(["group", "val images", "val accuracy"] + (["test images", "test accuracy"] if test else []),
+              group_rows)
+    plots.append(plot_groups(names, series, out / "per_group.png"))
+    doc.img(plots[-1], "Accuracy within each age group")
+    return plots
+
+
+def _rerun_section(exp: Experiment, rerun: dict[str, Any], doc: Doc, summary: list[str]) -> None:
+    doc.h(2, "Seed reruns")
+    seeds = rerun["seeds"]
+    doc.p(f"The top {len(rerun['configs'])} configurations retrained on the CPU with seeds "
+          f"{', '.join(map(str, seeds))} for {rerun['max_epochs']} epochs each, ranked by the mean "
+          f"of each run's best {rerun['metric']} (then the smaller spread), so that a lucky trial "
+          f"does not win. Run {rerun['created']}.")
+    if rerun.get("data_fingerprint") != exp.meta.get("data_fingerprint"):
+        doc.p("Note: these reruns used data that differs from the search's.")
+    rows = [[i, r["trial_id"] + (" (seed baseline)" if r["baseline"] else ""), _num(r["mean"]),
+             _num(r["std"]), ", ".join(_num(s) for s in r["scores"]), _num(r["search_best"]),
+             r["diverged"]] for i, r in enumerate(rerun["configs"], 1)]
+    doc.table(["rank", "trial", "mean", "std", "per seed", "search best", "diverged"], rows)
+    first = rerun["configs"][0]
+    if first["mean"] is not None:
+        spread = f" +- {first['std']:.4f}" if first["std"] is not None else ""
+        summary.append(f"rerun winner: trial {first['trial_id']} {rerun['metric']} "
+                       f"{first['mean']:.4f}{spread} over {len(seeds)} seeds")
