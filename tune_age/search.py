@@ -248,6 +248,7 @@ def run_search(
     # may be pending; a ConcurrencyLimiter would do it too but loses count on restore.
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog prints progress; verbose=0 silences Ray
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs),
@@ -297,6 +298,7 @@ def run_search(
                 num_samples=plan.num_samples,
                 max_concurrent_trials=search.max_concurrent,
                 time_budget_s=search.time_budget_min * 60 if search.time_budget_min else None,
+                reuse_actors=True,  # skips a worker start (and torch import) per trial
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
             ),

@@ -101,6 +101,7 @@ class TrialLog(tune.Callback):
                 "best_epoch": None,
                 "last": None,
                 "attempts": 1,
+                "starts": 0,  # how often a worker began (or resumed) this trial
                 "errors": [],
                 "started": time.time(),
                 "ended": None,
@@ -117,6 +118,7 @@ class TrialLog(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         entry = self._entry(trial)
         entry["status"] = "running"
+        entry["starts"] += 1
         entry["dir"] = Path(trial.local_path).name
         self._save()
 
