@@ -174,6 +174,16 @@ def test_trials_cli_every_format_parses(small_search, capsys, monkeypatch):
     assert code == 0 and out.count(best["trial_id"]) == 1  # a finished search: drawn once
 
 
+def test_trials_and_export_read_a_storage_uri(small_search, tmp_path, capsys):
+    uri = f"local://{small_search}"  # any pyarrow filesystem takes this path: copied, then read
+    code, out, _ = run(capsys, "trials", uri, "--format", "json")
+    assert code == 0 and {r["trial_id"] for r in json.loads(out)} == set(load_experiment(small_search).trials)
+    code, _, _ = run(capsys, "export", uri, "--out", tmp_path / "best.pt")
+    assert code == 0 and load_model(tmp_path / "best.pt").provenance["experiment"] == uri
+    code, _, err = run(capsys, "trials", f"local://{tmp_path}")
+    assert code == 2 and "not a tune_age experiment folder" in one_line_error(err)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--status", "finished"], "status 'finished' is not valid"),
     (["--sort", "accuracy"], "cannot sort by 'accuracy'"),
@@ -311,6 +321,7 @@ def test_export_without_a_completed_trial(tmp_path, capsys):
     assert not (tmp_path / "best.pt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated, still the torch-only format
 def test_torchscript_has_the_preprocessing_built_in(exported):
     loaded = load_model(exported)
     script = torch.jit.load(str(exported.with_name("best.torchscript.pt")))

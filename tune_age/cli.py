@@ -238,17 +238,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown_default(text: str) -> str:
+    """Help that names a default in words: `%(default).0s` formats the None default as
+    nothing, which also stops argparse from appending "(default: None)"."""
+    return f"(default%(default).0s: {text})"
+
+
 def _add_results_commands(sub) -> None:
     p = sub.add_parser("trials", help="one row per trial of an experiment (works while it runs)",
                        formatter_class=_Formatter)
     p.add_argument("exp", help="the experiment folder that `tune-age search` printed")
     p.add_argument("--sort", help="a metric (best first: val_acc, val_f1, val_loss, ...) or a column "
-                   "(ascending: lr, epochs, status, ...); default: the search's metric")
+                   "(ascending: lr, epochs, status, ...) " + _shown_default("the search's metric"))
     p.add_argument("--reverse", action="store_true", help="reverse the order")
-    p.add_argument("--top", type=int, help="show only the first N rows")
+    p.add_argument("--top", type=int, help="show only the first N rows " + _shown_default("all"))
     p.add_argument("--status", nargs="+", help="keep trials with these statuses: completed, "
-                   "early-stopped, errored, diverged, running, pending, retrying, interrupted, stopped, lost")
-    p.add_argument("--columns", nargs="+", help="columns to show, e.g. trial_id best_val_acc lr")
+                   "early-stopped, errored, diverged, running, pending, retrying, interrupted, stopped, lost "
+                   + _shown_default("all"))
+    p.add_argument("--columns", nargs="+", help="columns to show, e.g. trial_id best_val_acc lr "
+                   + _shown_default("all; the table format shows those that fit"))
     p.add_argument("--format", default="table", choices=("table", "csv", "markdown", "json"),
                    help="table fits the terminal; the others hold every column")
     p.add_argument("--wide", action="store_true", help="table: every hyperparameter, however wide")
@@ -259,7 +267,7 @@ def _add_results_commands(sub) -> None:
     p = sub.add_parser("report", help="report.md, report.html and plots: best configurations, "
                        "importance, curves, the best model on val and test", formatter_class=_Formatter)
     p.add_argument("exp", help="the experiment folder")
-    p.add_argument("--out", help="output folder (default: EXP/report)")
+    p.add_argument("--out", help="output folder " + _shown_default("EXP/report"))
     p.add_argument("--top", type=int, default=5, help="configurations in the top table")
     p.add_argument("--rerun-top", type=int, default=0, metavar="K",
                    help="retrain the top K configurations on the CPU with --seeds seeds each")
@@ -272,7 +280,8 @@ def _add_results_commands(sub) -> None:
                        formatter_class=_Formatter)
     p.add_argument("exp", help="the experiment folder")
     p.add_argument("--out", default="best.pt", help="the file to write")
-    p.add_argument("--metric", help="choose by this metric (default: the search's)")
+    p.add_argument("--metric", help="choose by this metric: val_acc, val_one_off, val_f1, "
+                   "val_balanced_acc, val_loss or val_mae " + _shown_default("the search's"))
     p.add_argument("--torchscript", action="store_true",
                    help="also write OUT.torchscript.pt: preprocessing built in, needs only torch")
     p.add_argument("--force", action="store_true", help="replace existing files")

@@ -326,7 +326,7 @@ def export_best(
         "metrics": state.get("metrics") or {},
         "history": state.get("history") or [],
         "provenance": {
-            "experiment": str(exp.path.resolve()),
+            "experiment": exp.source or str(exp.path.resolve()),
             "experiment_name": exp.name,
             "trial_id": ref.trial_id,
             "baseline": ref.baseline,

@@ -8,7 +8,8 @@
     print(render(exp, table, "table"))   # or "csv", "markdown", "json"
 
 Works while the search runs (the files are rewritten atomically), after it,
-and on another machine. `tune-age trials` is `trials_table` + `render`;
+and on another machine; a storage URI (s3://bucket/results/name) is copied into
+the cache first. `tune-age trials` is `trials_table` + `render`;
 `--follow` is `follow`.
 """
 
@@ -54,6 +55,7 @@ class Experiment:
     path: Path
     meta: dict[str, Any]
     trials: dict[str, dict[str, Any]]
+    source: str | None = None  # the storage URI it was copied from, when not a local folder
 
     @property
     def name(self) -> str:
@@ -165,15 +167,42 @@ def hyperparameters(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not k.startswith("_") and k != "epochs"}
 
 
+def local_folder(path: str | Path) -> tuple[Path, str | None]:
+    """(a local folder, the URI it came from): a path or file:// URI as it is; any other
+    storage URI that pyarrow reads (s3://, gs://, ...) copied into the cache first."""
+    text = str(path)
+    if "://" not in text:
+        return Path(text).expanduser(), None
+    if text.startswith("file://"):
+        return Path(text[len("file://"):]), None
+    import hashlib
+
+    import pyarrow.fs
+
+    from .data.decode import cache_root
+
+    dest = cache_root() / "experiments" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(text)
+        if fs.get_file_info(f"{root.rstrip('/')}/{META_FILE}").type != pyarrow.fs.FileType.File:
+            raise TuneAgeError(f"{text} is not a tune_age experiment folder (no {META_FILE})")
+        dest.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(root, str(dest), source_filesystem=fs)
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        raise TuneAgeError(f"cannot read {text}: {str(exc).splitlines()[0]}") from None
+    return dest, text
+
+
 def load_experiment(path: str | Path) -> Experiment:
-    path = Path(path).expanduser()
+    """An experiment folder, or a storage URI of one (copied to the cache, then read)."""
+    path, source = local_folder(path)
     if not (path / META_FILE).is_file():
         raise TuneAgeError(
             f"{path} is not a tune_age experiment folder (no {META_FILE}); "
             "give the folder that `tune-age search` printed"
         )
     meta = json.loads((path / META_FILE).read_text())
-    return Experiment(path, meta, read_trials(path / TRIALS_FILE))
+    return Experiment(path, meta, read_trials(path / TRIALS_FILE), source)
 
 
 # --- the trials table ------------------------------------------------------------------------
