@@ -1,0 +1,57 @@
+"""Failing trials: crashes are retried from their checkpoint, diverging trials end as `diverged`."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tune_age.tracking import read_trials
+
+from conftest import SMALL_N, run_cli
+
+pytestmark = pytest.mark.slow
+
+# SGD at lr 10 with momentum 0.99 and no batch-norm blows up within two epochs.
+RISKY_SPACE = """\
+search: {num_samples: 6, max_epochs: 3}
+params:
+  image_size: 32
+  conv_layers: 2
+  channels: 16
+  batch_norm: false
+  optimizer: sgd
+  momentum: 0.99
+  weight_decay: 0.0
+  lr: {choice: [0.003, 10.0]}
+"""
+
+
+def test_crashes_are_retried_and_divergence_ends_only_that_trial(tmp_path, monkeypatch):
+    space = tmp_path / "risky.yaml"
+    space.write_text(RISKY_SPACE)
+    monkeypatch.setenv("TUNE_AGE_TEST_CRASH", f"2:{tmp_path / 'crashed'}")
+    proc = run_cli("search", "--space", str(space), "--synthetic-n", str(SMALL_N), "--storage", str(tmp_path),
+                   "--name", "risky", "--searcher", "random", "--seed", "4", "--scheduler", "fifo",
+                   "--no-baseline", "--max-failures", "2")
+    trials = read_trials(tmp_path / "risky" / "trials.jsonl")
+    assert len(trials) == 6
+    by_lr = {lr: [t for t in trials.values() if t["config"]["lr"] == lr] for lr in (0.003, 10.0)}
+    assert by_lr[0.003] and by_lr[10.0], "the seed should draw both learning rates"
+
+    for t in by_lr[10.0]:
+        assert t["status"] == "diverged", t
+        assert "diverged" in t["last"]["error"]
+        assert f"trial {t['trial_id']} diverged" in proc.stdout
+    for t in by_lr[0.003]:
+        # Each crashed once at epoch 2, was retried from its epoch-1 checkpoint and finished.
+        assert t["status"] == "completed" and t["epochs"] == 3, t
+        assert t["attempts"] == 2 and "injected crash at epoch 2" in t["errors"][0]
+        assert f"trial {t['trial_id']} completed after 2 attempt(s): " in proc.stdout
+
+    study = optuna.load_study(study_name="risky", storage=f"sqlite:///{tmp_path / 'risky' / 'study.db'}")
+    states = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
+    for t in by_lr[10.0]:
+        assert states[t["trial_id"]].state == optuna.trial.TrialState.FAIL
+        assert states[t["trial_id"]].user_attrs.get("diverged") is True
+    for t in by_lr[0.003]:
+        assert states[t["trial_id"]].state == optuna.trial.TrialState.COMPLETE
