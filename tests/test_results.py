@@ -282,9 +282,13 @@ def test_export_picks_the_best_epoch_not_the_last(tmp_path, capsys):
     source = torch.load(exp / "trial_aaaa" / "checkpoint_000001" / "checkpoint.pt", weights_only=True)
     for name, tensor in source["model"].items():
         assert torch.equal(state["model"][name], tensor), name
-    # Another metric, another winner: the lowest val_loss of all is trial bbbb's last epoch.
+    # Another metric, another winner: the lowest val_loss kept is trial bbbb's last epoch;
+    # an even lower one whose checkpoint Ray dropped is pointed out.
+    reported = [{"epoch": 1, "val_acc": 0.1, "val_loss": 0.5}, {"epoch": 2, "val_acc": 0.6, "val_loss": 1.5}]
+    (exp / "trial_aaaa" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reported))
     code, stdout, _ = run(capsys, "export", exp, "--out", tmp_path / "loss.pt", "--metric", "val_loss")
     assert code == 0 and "trial bbbb, epoch 3, val_loss 1.0000" in stdout
+    assert "trial aaaa epoch 1 reported val_loss 0.5000, but Ray kept no checkpoint" in stdout
 
 
 def test_export_of_the_real_search_is_its_best_epoch(small_search, exported):

@@ -277,6 +277,7 @@ class ExportResult:
     metric: str
     sha256: str
     torchscript: Path | None = None
+    not_kept: str | None = None  # a better epoch that result.json reports but Ray did not keep
 
     def lines(self) -> list[str]:
         value = self.checkpoint.value(self.metric)
@@ -288,7 +289,25 @@ class ExportResult:
         ]
         if self.torchscript:
             out.append(f"wrote {self.torchscript} (TorchScript with preprocessing; needs only torch)")
+        if self.not_kept:
+            out.append(f"note: {self.not_kept}")
         return out
+
+
+def better_epoch_not_kept(exp: Experiment, ref: CheckpointRef, metric: str) -> str | None:
+    """Ray keeps each trial's best checkpoints by the search metric; chosen by another
+    metric, the best epoch in result.json may have no checkpoint left. Says which."""
+    sign = 1.0 if METRICS[metric] == "max" else -1.0
+    best = (sign * ref.value(metric), "", 0)
+    for entry in exp.trials.values():
+        for row in exp.history(entry):
+            value = row.get(metric)
+            if isinstance(value, (int, float)) and math.isfinite(value) and not row.get("diverged"):
+                best = max(best, (sign * value, entry["trial_id"], int(row.get("epoch", 0))))
+    if best[1] and best[0] > sign * ref.value(metric) + 1e-12:
+        return (f"trial {best[1]} epoch {best[2]} reported {metric} {sign * best[0]:.4f}, but Ray "
+                f"kept no checkpoint of it (it keeps the best by {exp.metric})")
+    return None
 
 
 def torchscript_path(out: Path) -> Path:
@@ -346,7 +365,8 @@ def export_best(
     loaded = load_model(out)  # reads it back: hash, strict load and all
     script = _write_torchscript(loaded, torchscript_path(out)) if torchscript else None
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
-    return ExportResult(out, ref, metric, payload["sha256"], script)
+    return ExportResult(out, ref, metric, payload["sha256"], script,
+                        better_epoch_not_kept(exp, ref, metric))
 
 
 class Packaged(nn.Module):

@@ -432,7 +432,10 @@ def write_report(
 ) -> Report:
     exp = load_experiment(exp_dir)
     out = Path(out).expanduser() if out else exp.path / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, or a read-only experiment folder
+        raise TuneAgeError(f"cannot write the report to {out}: {exc.strerror}; choose --out DIR") from None
     metric, doc, summary, plots = exp.metric, Doc(), [], []
     frame = trials_table(exp)
     searched = [p for p in exp.searched_params() if p in frame.columns]
