@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from .config import SearchConfig
     from .results import load_experiment, summary_lines
-    from .search import experiment_dir, run_search
+    from .search import SearchInterrupted, experiment_dir, run_search
 
     search = SearchConfig(
         space=args.space, num_samples=args.num_samples, metric=args.metric, max_epochs=args.max_epochs,
@@ -112,7 +112,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     exp_dir, _ = experiment_dir(search)
     try:
         run_search(search, _data_config(args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SearchInterrupted):
         print(f"\ninterrupted; the search state is saved. Resume with:\n  {resume_command(search)}")
         return EXIT_INTERRUPTED
     print()
@@ -369,6 +369,9 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         for name in ("ray", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Ray's own end-of-run advice (Tuner.restore, metrics it could not fetch from
+        # interrupted trials) is replaced by tune-age's summary and resume command.
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
         try:
             import optuna
 
