@@ -101,7 +101,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .results import load_experiment, summary_lines
     from .search import SearchInterrupted, experiment_dir, run_search
 
-    search = SearchConfig(
+    search = _as_flags(SearchConfig, {"time_budget_min": "time_budget"})(
         space=args.space, num_samples=args.num_samples, metric=args.metric, max_epochs=args.max_epochs,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, address=args.address, storage=args.storage,
@@ -119,6 +119,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     for line in summary_lines(load_experiment(exp_dir)):
         print(line)
     return 0
+
+
+def _as_flags(cls, renamed: dict[str, str]):
+    """Builds `cls`, rewording its errors from field names (num_samples=0) to flags (--num-samples 0)."""
+    from .errors import ConfigError
+
+    def build(**values):
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            text = str(exc)
+            for name in values:
+                flag = "--" + renamed.get(name, name).replace("_", "-")
+                text = text.replace(f"{name}=", f"{flag} ", 1) if text.startswith(f"{name}=") else text
+            raise ConfigError(text) from None
+
+    return build
 
 
 def resume_command(search) -> str:

@@ -109,6 +109,13 @@ def check_plan(plan: Plan, data: FaceData) -> None:
             raise ConfigError(f"the seed baseline needs images of at least {min_image_size(plan.baseline)} px")
 
 
+def local_resources() -> dict[str, float]:
+    """What a local Ray instance will see: every CPU and CUDA GPU of this machine."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
 def plan_resources(search: SearchConfig, cluster: dict[str, float]) -> tuple[float, float]:
     """(cpus, gpus) per trial: one GPU each where there are GPUs, else one or two CPUs."""
     total_cpu, total_gpu = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
@@ -220,6 +227,11 @@ def run_search(
     from .trainable import train_trial
 
     plan = make_plan(search)
+    if not search.address and not search.resume:
+        import ray
+
+        if not ray.is_initialized():
+            plan_resources(search, local_resources())  # fail before decoding and Ray when we can
     if search.resume:
         meta = json.loads((plan.exp_dir / META_FILE).read_text())
         search = SearchConfig.from_dict({**meta["search"], "resume": True,
@@ -233,9 +245,9 @@ def run_search(
                 f"the data of {plan.name!r} changed since the search started ({data.source}); "
                 "resume needs the same files; start a new search for new data"
             )
-    start_ray(search.address)
     import ray
 
+    start_ray(search.address)
     cpus, gpus = plan_resources(search, ray.cluster_resources())
     say = logging.getLogger("tune_age.progress").info
     say(f"data: {data.source}; groups: {', '.join(data.groups.names)}")
