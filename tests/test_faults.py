@@ -55,3 +55,30 @@ def test_crashes_are_retried_and_divergence_ends_only_that_trial(tmp_path, monke
         assert states[t["trial_id"]].user_attrs.get("diverged") is True
     for t in by_lr[0.003]:
         assert states[t["trial_id"]].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_two_searches_at_once_on_one_storage_do_not_interfere(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "tune_age", "search", "--synthetic-n", str(SMALL_N), "--num-samples", "3",
+             "--max-epochs", "2", "--storage", str(tmp_path), "--name", name, "--seed", str(seed),
+             "--no-baseline"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+        )
+        for seed, name in enumerate(("left", "right"))
+    }
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    for name in procs:
+        exp = tmp_path / name
+        trials = read_trials(exp / "trials.jsonl")
+        assert len(trials) == 3
+        assert {p.name for p in exp.glob("trial_*")} == {t["dir"] for t in trials.values()}
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'study.db'}")
+        assert {t.user_attrs["ray_trial_id"] for t in study.get_trials()} == set(trials)
+    assert not set(read_trials(tmp_path / "left" / "trials.jsonl")) & set(read_trials(tmp_path / "right" / "trials.jsonl"))
