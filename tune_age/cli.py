@@ -28,7 +28,13 @@ EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends "(default: X)" unless the help already says what the default is in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -339,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one configuration", formatter_class=_Formatter)
     _data_args(p)
-    p.add_argument("--config", help="a YAML file of TrainConfig values (or a space with fixed values)")
+    p.add_argument("--config", help="a YAML file of TrainConfig values, or a space whose values are all fixed "
+                   "(default: TrainConfig's defaults)")
     p.add_argument("--out", help="output folder (default: runs/train-TIMESTAMP)")
     p.add_argument("--force", action="store_true", help="overwrite checkpoints in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig overrides, e.g. lr=0.01")
@@ -360,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
     p.add_argument("--address", help="join a Ray cluster: auto or ray://HOST:PORT (default: local Ray)")
     p.add_argument("--storage", help="experiment storage path (default: ~/tune_age_results)")
-    p.add_argument("--time-budget", type=float, help="stop starting trials after this many minutes")
+    p.add_argument("--time-budget", type=float, help="stop the search after this many minutes (default: no limit)")
     p.add_argument("--name", help="experiment name (default: search-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the search named by --name")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
