@@ -57,6 +57,14 @@ class Plan:
 
 def experiment_dir(search: SearchConfig) -> tuple[Path, str]:
     name = search.name or time.strftime("search-%Y%m%d-%H%M%S")
+    if search.storage and "://" in search.storage and not search.storage.startswith("file://"):
+        # The study is SQLite and the trial log is rewritten in place: both need a file system.
+        raise ConfigError(
+            f"--storage {search.storage}: a search needs a path (local, or a shared file system "
+            "mounted on every node, such as NFS); object-store URIs are not supported for searching"
+        )
+    if search.storage and search.storage.startswith("file://"):
+        search = search.replace(storage=search.storage[len("file://"):])
     storage = Path(os.path.expanduser(search.storage or DEFAULT_STORAGE)).resolve()
     return storage / name, name
 
