@@ -261,6 +261,10 @@ def test_parameter_importance_or_a_clear_reason(tmp_path):
     assert "8 completed search trials" in note
     scores, note = param_importance(load_experiment(study_with(tmp_path, 2)))
     assert scores is None and "Too few completed trials" in note and "2 completed" in note
+    damaged = fake_experiment(tmp_path / "damaged", {})
+    (damaged / "study.db").write_bytes(b"not a database")
+    scores, note = param_importance(load_experiment(damaged))
+    assert scores is None and "study.db could not be read" in note
 
 
 # --- export --------------------------------------------------------------------------------
@@ -404,7 +408,9 @@ def test_predict_takes_a_training_checkpoint(small_search, search_data, capsys):
 
 def test_tampered_exports_are_refused(exported, tmp_path, capsys, search_data):
     state = torch.load(exported, weights_only=True)
-    weight = next(t for t in state["model"].values() if t.numel() >= 64)
+    # A contiguous one, whose bytes stand in the file as numpy lays them out (conv weights
+    # trained on the CPU are channels_last).
+    weight = next(t for t in state["model"].values() if t.numel() >= 64 and t.is_contiguous())
     data = bytearray(exported.read_bytes())
     at = data.find(weight.numpy().tobytes()[:64])
     assert at > 0
@@ -462,6 +468,21 @@ def test_files_that_are_not_tune_age_models(tmp_path, exported):
     with pytest.raises(ArtifactError, match="no such file"):
         load_model(tmp_path / "missing.pt")
     assert issubclass(ArtifactError, TuneAgeError)
+
+
+def test_bad_options_and_damaged_files_fail_in_one_line(small_search, exported, search_data,
+                                                       tmp_path, capsys):
+    code, _, err = run(capsys, "report", small_search, "--top", "0", "--out", tmp_path / "report")
+    assert code == 2 and "--top 0 is not valid" in one_line_error(err)
+    code, _, err = run(capsys, "predict", exported, search_data.paths[0], "--device", "nonsense")
+    assert code == 2 and "device 'nonsense' cannot be used here" in one_line_error(err)
+    exp = fake_experiment(tmp_path / "exp", {})
+    (exp / "rerun.json").write_text("{")
+    code, _, err = run(capsys, "report", exp, "--no-eval", "--out", tmp_path / "report")
+    assert code == 2 and "rerun.json: not valid JSON" in one_line_error(err)
+    (exp / "tune_age.json").write_text("{not json")
+    code, _, err = run(capsys, "trials", exp)
+    assert code == 2 and "tune_age.json: not valid JSON" in one_line_error(err)
 
 
 def test_render_rejects_an_unknown_format(small_search):

@@ -226,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import prediction_frame, predict
+    from .predict import describe_skipped, prediction_frame, predict
 
     with _quiet_data_logs(args):
         rows, skipped = predict(args.model, args.inputs, top=args.top, device=args.device)
@@ -241,9 +241,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             tops = ", ".join(f"{t['group']} {t['probability']:.2f}" for t in r["top"])
             print(f"{r['path']:<{width}}  {r['group']:>6}  {r['probability']:5.2f}  {tops}")
     if skipped:
-        first = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:3])
-        print(f"skipped {len(skipped)} file(s) that could not be read as images (first: {first})",
-              file=sys.stderr)
+        print(f"skipped {len(skipped)} file(s) that could not be read as images "
+              f"(first: {describe_skipped(skipped)})", file=sys.stderr)
     return 0
 
 

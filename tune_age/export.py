@@ -47,7 +47,7 @@ from .data.groups import AgeGroups, groups_from_dict
 from .engine import Normalizer, resolve_device
 from .errors import ArtifactError, ConfigError, TuneAgeError
 from .model import build_model
-from .results import Experiment, load_experiment
+from .results import Experiment, direction, is_baseline, load_experiment, status_counts
 from .training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class CheckpointRef:
     epoch: int
     metrics: dict[str, Any]
     baseline: bool = False
+    image_size: int | None = None
 
     def value(self, metric: str) -> float | None:
         value = self.metrics.get(metric)
@@ -98,7 +99,8 @@ def list_checkpoints(exp: Experiment) -> list[CheckpointRef]:
             trial_id=entry.get("trial_id", folder.removeprefix("trial_")),
             epoch=int(state.get("epoch", 0)),
             metrics=dict(state.get("metrics") or {}),
-            baseline=bool(entry.get("config", {}).get("_baseline")),
+            baseline=is_baseline(entry),
+            image_size=state.get("image_size"),
         ))
     return refs
 
@@ -109,27 +111,26 @@ def best_checkpoint(exp: Experiment, metric: str | None = None) -> CheckpointRef
     metric = metric or exp.metric
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not valid; choose one of {', '.join(METRICS)}")
-    sign = 1.0 if METRICS[metric] == "max" else -1.0
-    scored = [r for r in list_checkpoints(exp) if r.value(metric) is not None]
-    if not scored:
-        counts = ", ".join(f"{n} {s}" for s, n in _count(t["status"] for t in exp.trials.values()).items())
+    best = best_of(list_checkpoints(exp), metric)
+    if best is None:
         raise TuneAgeError(
             f"{exp.path}: no completed trial has a checkpoint with a {metric} score "
-            f"(trials: {counts or 'none'}); nothing to export until a trial finishes an epoch"
+            f"(trials: {status_counts(exp)}); nothing to export until a trial finishes an epoch"
         )
+    return best
+
+
+def best_of(refs: list[CheckpointRef], metric: str) -> CheckpointRef | None:
+    """The checkpoint among `refs` with the best `metric`, ties to the lower val_loss;
+    None when none of them stores that metric."""
+    sign = direction(metric)
+    scored = [r for r in refs if r.value(metric) is not None]
 
     def key(r: CheckpointRef) -> tuple[float, float]:
         loss = r.value("val_loss")
         return sign * r.value(metric), -(loss if loss is not None else math.inf)
 
-    return max(scored, key=key)
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[item] = out.get(item, 0) + 1
-    return out
+    return max(scored, key=key, default=None)
 
 
 # --- hashing ---------------------------------------------------------------------------------
@@ -256,7 +257,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"{path}: the model in it cannot be rebuilt: {first}") from None
-    model.to(resolve_device(device) if device == "auto" else torch.device(device)).eval()
+    try:
+        model.to(resolve_device(str(device))).eval()
+    except (RuntimeError, AssertionError) as exc:  # a misspelt device, or one this machine lacks
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"device {str(device)!r} cannot be used here ({first}); "
+                          "choose auto, cpu, cuda or mps") from None
     return LoadedModel(
         model=model, cfg=cfg, groups=groups,
         mean=[float(v) for v in state["norm"]["mean"]], std=[float(v) for v in state["norm"]["std"]],
@@ -297,7 +303,7 @@ class ExportResult:
 def better_epoch_not_kept(exp: Experiment, ref: CheckpointRef, metric: str) -> str | None:
     """Ray keeps each trial's best checkpoints by the search metric; chosen by another
     metric, the best epoch in result.json may have no checkpoint left. Says which."""
-    sign = 1.0 if METRICS[metric] == "max" else -1.0
+    sign = direction(metric)
     best = (sign * ref.value(metric), "", 0)
     for entry in exp.trials.values():
         for row in exp.history(entry):
@@ -325,10 +331,10 @@ def export_best(
     out = Path(out).expanduser()
     targets = [out] + ([torchscript_path(out)] if torchscript else [])
     for target in targets:
-        if target.exists() and not force:
-            raise TuneAgeError(f"{target} already exists; choose another --out or add --force to replace it")
         if target.is_dir():
             raise TuneAgeError(f"{target} is a folder; give a file name such as best.pt")
+        if target.exists() and not force:
+            raise TuneAgeError(f"{target} already exists; choose another --out or add --force to replace it")
     exp = load_experiment(exp_dir)
     metric = metric or exp.metric
     ref = best_checkpoint(exp, metric)
@@ -381,10 +387,7 @@ class Packaged(nn.Module):
         self.image_size = image_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            x = images.float() / 255.0
-        else:
-            x = images.float()
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=[self.image_size, self.image_size], mode="bilinear",
                               align_corners=False, antialias=True)

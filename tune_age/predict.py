@@ -1,8 +1,9 @@
 """Using a model: age groups of images (`predict`), metrics on a labelled set (`evaluate`).
 
 Both take an export (`tune-age export`) or a `tune-age train` checkpoint, and decode
-images exactly as training did (EXIF rotation, RGB, square crop, resized to the model's
-size), so a model sees the same pixels here as in the search.
+images exactly as training did (data.decode: EXIF rotation, RGB, square crop, resized
+to the model's size, kept in the same decode cache), so a model sees the same pixels
+here as in the search.
 
     rows, skipped = predict("best.pt", ["face.jpg", "photos/"], top=3)
     metrics = evaluate("best.pt", "~/data/UTKFace")   # accuracy, one_off, macro_f1, ...
@@ -10,9 +11,6 @@ size), so a model sees the same pixels here as in the search.
 
 from __future__ import annotations
 
-import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.decode import decode_images, decode_one
-from .data.sources import is_image, read_manifest
+from .data.decode import decode_images
+from .data.sources import _list_images, read_manifest
 from .engine import evaluate as engine_evaluate
 from .engine import predict_logits
 from .errors import ConfigError, DataError
 from .export import LoadedModel, load_model
 from .training import as_tensor
 
-log = logging.getLogger(__name__)
 
-FORMATS = ("table", "csv", "json")
 METRIC_KEYS = ("accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae")
 
 
@@ -40,10 +36,7 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = []
-            for folder, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [Path(folder, n) for n in sorted(names) if is_image(n)]
+            found = _list_images(path)
             if not found:
                 raise DataError(f"{path}: no image files in this folder (or its sub-folders)")
             files += found
@@ -54,20 +47,9 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def _decode(files: list[Path], size: int, square: str) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
-    """Decodes without the on-disk cache: predictions are one-off, not worth caching."""
-    def one(file: Path):
-        try:
-            return decode_one(str(file), size, square), None
-        except Exception as exc:  # an unreadable file is reported, not fatal
-            return None, str(exc) or type(exc).__name__
-
-    with ThreadPoolExecutor(max(1, min(8, len(files)))) as pool:
-        results = list(pool.map(one, files))
-    kept = [f for f, (img, _) in zip(files, results) if img is not None]
-    skipped = [(str(f), why) for f, (img, why) in zip(files, results) if img is None]
-    images = np.stack([img for img, _ in results if img is not None]) if kept else None
-    return images, kept, skipped
+def describe_skipped(skipped: list[tuple[str, str]], show: int = 3) -> str:
+    """The first few (path, reason) pairs as "name: reason; ..." for a one-line message."""
+    return "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:show])
 
 
 def probabilities(loaded: LoadedModel, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -85,22 +67,23 @@ def predict(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """One row per readable image: path, group, probability and the `top` groups with theirs;
     plus the (path, reason) of images that could not be read."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     if top < 1:
         raise ConfigError(f"--top {top} is not valid; give 1 or more")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     files = image_files(inputs)
-    images, kept, skipped = _decode(files, loaded.image_size, loaded.square)
-    if images is None:
-        first = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:3])
-        raise DataError(f"none of the {len(files)} files could be read as an image (first: {first})")
+    images, kept, skipped = decode_images([str(f) for f in files], loaded.image_size, loaded.square,
+                                          progress=False)
+    if len(kept) == 0:
+        raise DataError(f"none of the {len(files)} files could be read as an image "
+                        f"(first: {describe_skipped(skipped)})")
     probs = probabilities(loaded, images)
     k = min(top, len(loaded.groups))
     values, indices = probs.topk(k, dim=1)
     names = loaded.groups.names
     rows = []
-    for file, vals, idx in zip(kept, values.tolist(), indices.tolist()):
+    for row, vals, idx in zip(kept, values.tolist(), indices.tolist()):
         rows.append({
-            "path": str(file),
+            "path": str(files[row]),
             "group": names[idx[0]],
             "probability": vals[0],
             "top": [{"group": names[i], "probability": v} for i, v in zip(idx, vals)],
@@ -156,7 +139,8 @@ def evaluate(
     table, skipped = read_manifest(Path(data), layout, loaded.groups)
     images, kept, failed = decode_images(table["path"].tolist(), loaded.image_size, loaded.square)
     if len(kept) == 0:
-        raise DataError(f"{data}: none of the {len(table)} images could be decoded")
+        raise DataError(f"{data}: none of the {len(table)} images could be decoded "
+                        f"(first: {describe_skipped(failed)})")
     table = table.iloc[kept]
     ages = table["age"].to_numpy(np.float32)
     metrics = evaluate_arrays(loaded, images, table["group"].to_numpy(np.int64),

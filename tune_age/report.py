@@ -3,8 +3,8 @@
     report = write_report("~/tune_age_results/search-20261128-120000")   # -> <exp>/report/
     print("\\n".join(report.summary))
 
-writes `report.md`, a self-contained `report.html` (plots embedded as base64 PNGs) and
-the PNG plots:
+or `tune-age report EXP [--rerun-top K --seeds S]`. Writes `report.md`, a self-contained
+`report.html` (plots embedded as base64 PNGs) and the PNG plots (drawn by plots.py):
 - the top configurations with the seed baseline's row beside them;
 - parameter importance from `optuna.importance.get_param_importances` on the stored
   study (its completed search trials; too few of them is said, not hidden);
@@ -18,8 +18,6 @@ the PNG plots:
   evaluations are skipped and the report says why;
 - with `rerun_top=K`, the top K configurations retrained on the CPU with `seeds` seeds
   each and ranked by mean and spread (kept in `<exp>/rerun.json`, shown when present).
-
-Plots use matplotlib's Agg canvas through `Figure`, never pyplot, so no display is needed.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import base64
 import html
 import json
 import logging
-import math
 import re
 import time
 import warnings
@@ -38,24 +35,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import DataConfig, TrainConfig
 from .errors import ConfigError, TuneAgeError
-from .export import CheckpointRef, best_checkpoint, list_checkpoints, load_model
+from .export import CheckpointRef, best_checkpoint, best_of, list_checkpoints, load_model
+from .plots import plot_confusion, plot_curves, plot_groups, plot_history, plot_importance, plot_params
+from .predict import METRIC_KEYS, evaluate_arrays
 from .results import (
-    FAILED, Experiment, fmt, hyperparameters, load_experiment, markdown_table, status_counts,
-    trials_table,
+    Experiment, direction, fmt, fmt_score, hyperparameters, is_baseline, last_error, load_experiment,
+    markdown_table, scored_trials, status_counts, trials_table,
 )
 from .search import SPLIT_FILE
 
-log = logging.getLogger(__name__)
 progress = logging.getLogger("tune_age.progress")
 
 RERUN_FILE = "rerun.json"
 MIN_IMPORTANCE_TRIALS = 3  # fewer completed trials make any importance estimate noise
 CURVES = 5  # trials in the learning-curve plot
-DPI = 90
+# The search metric's name in what predict.evaluate_arrays returns (training.run_epoch's renaming).
 _RECOMPUTED = {"val_acc": "accuracy", "val_one_off": "one_off", "val_f1": "macro_f1",
                "val_balanced_acc": "balanced_accuracy", "val_loss": "loss", "val_mae": "mae"}
 
@@ -64,57 +61,42 @@ _RECOMPUTED = {"val_acc": "accuracy", "val_one_off": "one_off", "val_f1": "macro
 
 
 class Doc:
+    """Headings, paragraphs (`code` and **bold** inline), tables and images, each rendered as
+    it is added: Markdown with the images linked, HTML with them embedded."""
+
     def __init__(self) -> None:
-        self.blocks: list[tuple] = []
+        self.md: list[str] = []
+        self.body: list[str] = []
 
     def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
+        self.md.append("#" * level + " " + text)
+        self.body.append(f"<h{level}>{_inline(text)}</h{level}>")
 
     def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
+        self.md.append(text)
+        self.body.append(f"<p>{_inline(text)}</p>")
 
     def table(self, header: list[str], rows: list[list[Any]]) -> None:
-        self.blocks.append(("table", header, [[str(c) for c in r] for r in rows]))
+        cells = [[str(c) for c in r] for r in rows]
+        self.md.append(markdown_table(header, cells).rstrip())
+        head = "".join(f"<th>{_inline(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells)
+        self.body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
     def img(self, file: Path, alt: str) -> None:
-        self.blocks.append(("img", file, alt))
+        self.md.append(f"![{alt}]({file.name})")
+        data = base64.b64encode(file.read_bytes()).decode()
+        self.body.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(alt)}</figcaption></figure>")
 
     def markdown(self) -> str:
-        out = []
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "h":
-                out.append("#" * block[1] + " " + block[2])
-            elif kind == "p":
-                out.append(block[1])
-            elif kind == "table":
-                out.append(markdown_table(block[1], block[2]).rstrip())
-            else:
-                out.append(f"![{block[2]}]({block[1].name})")
-        return "\n\n".join(out) + "\n"
+        return "\n\n".join(self.md) + "\n"
 
     def html(self, title: str) -> str:
-        body = []
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "h":
-                body.append(f"<h{block[1]}>{_inline(block[2])}</h{block[1]}>")
-            elif kind == "p":
-                body.append(f"<p>{_inline(block[1])}</p>")
-            elif kind == "table":
-                head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
-                rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>"
-                               for r in block[2])
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-            else:
-                data = base64.b64encode(block[1].read_bytes()).decode()
-                body.append(f'<figure><img alt="{html.escape(block[2])}" '
-                            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(block[2])}'
-                            "</figcaption></figure>")
         return (
             "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n"
+            + "\n".join(self.body) + "\n</body></html>\n"
         )
 
 
@@ -144,7 +126,11 @@ def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp.study_path.resolve()}")
+    try:
+        study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp.study_path.resolve()}")
+    except Exception as exc:  # a damaged study.db, or one of another search
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return None, f"The Optuna study {exp.study_path.name} could not be read: {why}"
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.params and not t.user_attrs.get("baseline")]
     if len(done) < MIN_IMPORTANCE_TRIALS:
@@ -168,155 +154,11 @@ def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     )
 
 
-# --- plots -----------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
-def _integer_x(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _save(fig, file: Path) -> Path:
-    fig.savefig(file, format="png")
-    return file
-
-
-def plot_history(exp: Experiment, file: Path) -> Path:
-    """Each trial's best metric in start order, the running best, the baseline starred."""
-    trials = sorted(exp.trials.values(), key=lambda t: t.get("started") or 0)
-    fig = _figure(7, 3.6)
-    ax = fig.add_subplot()
-    sign = 1 if exp.mode == "max" else -1
-    running, best = [], None
-    for i, t in enumerate(trials, 1):
-        value = t["best"]
-        if value is not None and t["status"] not in FAILED:
-            best = value if best is None or sign * value > sign * best else best
-            marker = "*" if t.get("config", {}).get("_baseline") else "o"
-            color = "tab:blue" if t["status"] == "completed" else "tab:gray"
-            ax.scatter([i], [value], marker=marker, s=90 if marker == "*" else 30, color=color, zorder=3)
-        running.append(best)
-    ax.plot(range(1, len(trials) + 1), [np.nan if r is None else r for r in running],
-            color="tab:orange", drawstyle="steps-post", label="best so far")
-    _integer_x(ax)
-    ax.set_xlabel("trial (in start order); gray: stopped early, star: seed baseline")
-    ax.set_ylabel(f"best {exp.metric}")
-    ax.set_title("Optimization history")
-    ax.legend(loc="best")
-    return _save(fig, file)
-
-
-def plot_curves(exp: Experiment, entries: list[dict[str, Any]], file: Path) -> Path:
-    """The metric and the losses per epoch of the given trials."""
-    fig = _figure(10, 3.8)
-    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for i, t in enumerate(entries):
-        rows = [r for r in exp.history(t) if not r.get("diverged")]
-        if not rows:
-            continue
-        color = f"C{i % 10}"
-        label = t["trial_id"] + (" (baseline)" if t.get("config", {}).get("_baseline") else "")
-        epochs = [r.get("epoch") for r in rows]
-        left.plot(epochs, [r.get(exp.metric) for r in rows], marker="o", color=color, label=label)
-        right.plot(epochs, [r.get("train_loss") for r in rows], color=color, linestyle="--")
-        right.plot(epochs, [r.get("val_loss") for r in rows], color=color, marker="o")
-    losses = [v for line in right.get_lines() for v in line.get_ydata() if v is not None and v > 0]
-    if losses and max(losses) > 20 * min(losses):  # one runaway trial would flatten the rest
-        right.set_yscale("log")
-    for ax in (left, right):
-        _integer_x(ax)
-    left.set(xlabel="epoch", ylabel=exp.metric, title=f"{exp.metric} of the top trials")
-    right.set(xlabel="epoch", ylabel="loss", title="val loss (solid) and train loss (dashed)")
-    if left.get_lines():
-        left.legend(fontsize="small")
-    return _save(fig, file)
-
-
-def plot_params(exp: Experiment, frame: pd.DataFrame, params: list[str], file: Path) -> Path | None:
-    """The best metric of each search trial against each searched hyperparameter."""
-    col = f"best_{exp.metric}"
-    rows = frame[~frame["baseline"] & frame[col].notna()]
-    if rows.empty or not params:
-        return None
-    base = frame[frame["baseline"] & frame[col].notna()]
-    specs = exp.meta.get("space", {}).get("values", {}).get("params", {})
-    ncols = min(4, len(params))
-    nrows = math.ceil(len(params) / ncols)
-    fig = _figure(3.1 * ncols, 2.6 * nrows)
-    colors = ["tab:blue" if s == "completed" else "tab:gray" for s in rows["status"]]
-    for i, name in enumerate(params, 1):
-        ax = fig.add_subplot(nrows, ncols, i)
-        values = rows[name].tolist()
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if numeric:
-            ax.scatter(values, rows[col], c=colors, s=20)
-            if "loguniform" in (specs.get(name) or {}) and min(values) > 0:
-                ax.set_xscale("log")
-            elif all(isinstance(v, int) for v in values):
-                _integer_x(ax)
-        else:
-            labels = sorted({str(v) for v in values})
-            ax.scatter([labels.index(str(v)) for v in values], rows[col], c=colors, s=20)
-            ax.set_xticks(range(len(labels)), labels, fontsize="small")
-        if not base.empty:
-            ax.axhline(base[col].iloc[0], color="tab:red", linestyle=":", linewidth=1)
-        ax.set_title(name, fontsize="medium")
-        if (i - 1) % ncols == 0:
-            ax.set_ylabel(f"best {exp.metric}")
-    fig.suptitle("metric against each hyperparameter (gray: stopped early; red line: seed baseline)",
-                 fontsize="medium")
-    return _save(fig, file)
-
-
-def plot_importance(importances: dict[str, float], file: Path) -> Path:
-    names = list(importances)[::-1]
-    fig = _figure(6, 0.35 * len(names) + 1.2)
-    ax = fig.add_subplot()
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set(xlabel="importance", title="Parameter importance")
-    return _save(fig, file)
-
-
-def plot_confusion(names: list[str], confusion: list[list[int]], title: str, file: Path) -> Path:
-    counts = np.asarray(confusion, dtype=float)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig = _figure(0.55 * len(names) + 2.5, 0.5 * len(names) + 2)
-    ax = fig.add_subplot()
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for (r, c), n in np.ndenumerate(counts):
-        if n:
-            ax.text(c, r, int(n), ha="center", va="center", fontsize="small",
-                    color="white" if share[r, c] > 0.6 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
-    ax.set_yticks(range(len(names)), names, fontsize="small")
-    ax.set(xlabel="predicted group", ylabel="true group", title=title)
-    return _save(fig, file)
-
-
-def plot_groups(names: list[str], series: dict[str, list[float | None]], file: Path) -> Path:
-    fig = _figure(7, 3.4)
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(series), 1)
-    for i, (label, values) in enumerate(series.items()):
-        xs = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
-        ax.bar(xs, [np.nan if v is None else v for v in values], width, label=label)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
-    ax.set(ylabel="accuracy within the group", ylim=(0, 1), title="Per-group accuracy of the best model")
-    ax.legend()
-    return _save(fig, file)
-
-
 # --- evaluating the best model ---------------------------------------------------------------
 
 
 def per_group_accuracy(confusion: list[list[int]]) -> list[float | None]:
+    """The share of each true group (row) predicted right; None for a group with no images."""
     counts = np.asarray(confusion)
     return [None if row.sum() == 0 else float(row[i] / row.sum()) for i, row in enumerate(counts)]
 
@@ -342,8 +184,7 @@ def load_search_data(exp: Experiment, sizes: list[int | str]):
 
 
 def evaluate_checkpoint(ref: CheckpointRef, data, splits=("val", "test")) -> dict[str, Any]:
-    from .predict import evaluate_arrays
-
+    """predict.evaluate_arrays of the checkpoint on each non-empty split of `data`."""
     loaded = load_model(ref.path)
     images = data.images[loaded.image_size]
     out = {}
@@ -368,10 +209,8 @@ def rerun_top(exp: Experiment, k: int, seeds: int, data=None) -> dict[str, Any]:
     if k < 1 or seeds < 1:
         raise ConfigError(f"--rerun-top {k} --seeds {seeds}: both must be 1 or more")
     metric, max_epochs = exp.metric, int(exp.meta["max_epochs"])
-    sign = 1 if exp.mode == "max" else -1
-    table = trials_table(exp)
-    entries = [exp.trials[t] for t in table["trial_id"]
-               if exp.trials[t]["best"] is not None and exp.trials[t]["status"] not in FAILED][:k]
+    sign = direction(metric)
+    entries = [exp.trials[t] for t in scored_trials(trials_table(exp), metric)["trial_id"].head(k)]
     if not entries:
         raise TuneAgeError(f"{exp.path}: no trial has a score yet; nothing to rerun")
     configs = [TrainConfig.from_dict({**hyperparameters(t), "epochs": max_epochs, "device": "cpu",
@@ -384,7 +223,7 @@ def rerun_top(exp: Experiment, k: int, seeds: int, data=None) -> dict[str, Any]:
     for entry, cfg in zip(entries, configs):
         scores = []
         for seed in range(seeds):
-            run = start_run(cfg.replace(seed=seed), data, torch.device("cpu"))
+            run = start_run(cfg.replace(seed=seed), data)  # cfg.device is "cpu"
             values = []
             try:
                 for _ in range(max_epochs):
@@ -397,7 +236,7 @@ def rerun_top(exp: Experiment, k: int, seeds: int, data=None) -> dict[str, Any]:
                           f"{metric} {'diverged' if score is None else f'{score:.4f}'}")
         finite = [s for s in scores if s is not None]
         results.append({
-            "trial_id": entry["trial_id"], "baseline": bool(entry["config"].get("_baseline")),
+            "trial_id": entry["trial_id"], "baseline": is_baseline(entry),
             "search_best": entry["best"], "scores": scores,
             "mean": float(np.mean(finite)) if finite else None,
             "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
@@ -411,6 +250,18 @@ def rerun_top(exp: Experiment, k: int, seeds: int, data=None) -> dict[str, Any]:
     return out
 
 
+def _read_rerun(exp: Experiment) -> dict[str, Any] | None:
+    """The kept `<exp>/rerun.json` of an earlier `--rerun-top`; None when there is none."""
+    file = exp.path / RERUN_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TuneAgeError(f"{file}: not valid JSON ({exc.msg}, line {exc.lineno}); delete it, "
+                           "or make a new one with --rerun-top K") from None
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
@@ -419,7 +270,7 @@ class Report:
     markdown: Path
     html: Path
     plots: list[Path] = field(default_factory=list)
-    summary: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)  # short lines for the terminal
 
 
 def write_report(
@@ -430,15 +281,22 @@ def write_report(
     seeds: int = 3,
     evaluate: bool = True,
 ) -> Report:
+    """Writes report.md, report.html and the plots into `out` (default `<exp>/report`):
+    the `top` configurations; with `rerun_top_k`, seed reruns first (see rerun_top);
+    `evaluate=False` skips the best model's validation and test sections."""
+    if top < 1:
+        raise ConfigError(f"--top {top} is not valid; give 1 or more")
     exp = load_experiment(exp_dir)
     out = Path(out).expanduser() if out else exp.path / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, or a read-only experiment folder
         raise TuneAgeError(f"cannot write the report to {out}: {exc.strerror}; choose --out DIR") from None
-    metric, doc, summary, plots = exp.metric, Doc(), [], []
+    doc, summary = Doc(), []
     frame = trials_table(exp)
     searched = [p for p in exp.searched_params() if p in frame.columns]
+    scored = scored_trials(frame, exp.metric)
+    base = frame[frame["baseline"]]
 
     doc.h(1, f"Search report: {exp.name}")
     doc.p(f"Experiment `{exp.path}`, started {exp.meta.get('created', '?')}; report written "
@@ -446,93 +304,21 @@ def write_report(
     doc.p(f"Data: {exp.meta.get('data_source', '?')}; age groups {', '.join(exp.meta['groups']['names'])}. "
           f"Space `{exp.meta['space']['name']}` ({len(searched)} searched parameters), "
           f"{exp.meta['num_samples']} trials of up to {exp.meta['max_epochs']} epochs. "
-          f"Metric **{metric}** ({exp.mode}). Trials: {status_counts(exp)}.")
-
-    # Best configurations, the seed baseline beside them.
-    doc.h(2, "Best configurations")
-    scored = frame[frame[f"best_{metric}"].notna() & ~frame["status"].isin(FAILED)]
-    shown = scored.head(top)
-    base = frame[frame["baseline"]]
-    if not base.empty and base["trial_id"].iloc[0] not in set(shown["trial_id"]):
-        shown = pd.concat([shown, base])
-    if shown.empty:
-        doc.p("No trial has a score yet.")
-    else:
-        header = ["rank", "trial", "status", "epochs", f"best {metric}", "at epoch", f"last {metric}"] + searched
-        rank = {t: i for i, t in enumerate(scored["trial_id"], 1)}
-        rows = []
-        for r in shown.to_dict("records"):
-            name = r["trial_id"] + (" (seed baseline)" if r["baseline"] else "")
-            rows.append([rank.get(r["trial_id"], "-"), name, r["status"], r["epochs"],
-                         _num(r[f"best_{metric}"]), fmt(None if pd.isna(r["best_epoch"]) else int(r["best_epoch"])),
-                         _num(r[f"last_{metric}"])] + [fmt(r[p]) for p in searched])
-        doc.table(header, rows)
-        doc.p("The seed baseline is the original notebook's configuration, trained the same way; "
-              "its values of the searched parameters are its own, outside the space where they differ.")
-        best = scored.iloc[0] if not scored.empty else None
-        if best is not None:
-            summary.append(f"best {metric}: {best[f'best_{metric}']:.4f} (trial {best['trial_id']}, "
-                           f"epoch {int(best['best_epoch'])})")
-        if not base.empty and pd.notna(base[f"best_{metric}"].iloc[0]):
-            summary.append(f"seed baseline {metric}: {base[f'best_{metric}'].iloc[0]:.4f}")
-
-    # Importance.
-    doc.h(2, "Parameter importance")
-    importances, note = param_importance(exp)
-    doc.p(note)
-    if importances:
-        doc.table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in importances.items()])
-        plots.append(plot_importance(importances, out / "importance.png"))
-        doc.img(plots[-1], "Parameter importance")
-        top3 = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.items())[:3])
-        summary.append(f"most important: {top3}")
-    else:
-        reason = note.split(":")[0].split(". ")[0].rstrip(".")
-        summary.append(f"parameter importance: not estimated ({reason[0].lower()}{reason[1:]})")
-
-    # Curves, metric vs parameters, history.
+          f"Metric **{exp.metric}** ({exp.mode}). Trials: {status_counts(exp)}.")
+    _best_section(exp, scored, base, searched, top, doc, summary)
+    plots = _importance_section(exp, doc, summary, out)
     if exp.trials:
-        doc.h(2, "Learning curves")
-        top_entries = [exp.trials[t] for t in scored["trial_id"].head(CURVES)]
-        if not base.empty and base["trial_id"].iloc[0] not in {t["trial_id"] for t in top_entries}:
-            top_entries.append(exp.trials[base["trial_id"].iloc[0]])
-        top_entries = [t for t in top_entries if exp.history(t)]
-        if top_entries:
-            plots.append(plot_curves(exp, top_entries, out / "learning_curves.png"))
-            doc.img(plots[-1], f"Learning curves of the top {len(top_entries)} trials (from result.json)")
-        else:
-            doc.p("No scored trial has reported an epoch in its result.json yet.")
-        doc.h(2, f"{metric} against each hyperparameter")
-        params_png = plot_params(exp, frame, searched, out / "params.png")
-        if params_png:
-            plots.append(params_png)
-            doc.img(params_png, f"best {metric} of each search trial against each searched hyperparameter")
-        else:
-            doc.p("No search trial has a score yet." if searched else "The space searched no hyperparameters.")
-        doc.h(2, "Optimization history")
-        plots.append(plot_history(exp, out / "history.png"))
-        doc.img(plots[-1], "Optimization history: each trial's best score and the best so far")
-
-    # The best model on validation and test.
+        plots += _trial_plots(exp, frame, scored, base, searched, doc, out)
     if evaluate:
         plots += _model_sections(exp, doc, summary, out)
-
-    # Seed reruns.
-    rerun = None
-    if rerun_top_k:
-        rerun = rerun_top(exp, rerun_top_k, seeds)
-    elif (exp.path / RERUN_FILE).is_file():
-        rerun = json.loads((exp.path / RERUN_FILE).read_text())
+    rerun = rerun_top(exp, rerun_top_k, seeds) if rerun_top_k else _read_rerun(exp)
     if rerun:
         _rerun_section(exp, rerun, doc, summary)
-
     failed = exp.failed()
     if failed:
         doc.h(2, "Failed trials")
         doc.table(["trial", "status", "attempts", "last error"],
-                  [[t["trial_id"], t["status"], t["attempts"],
-                    (t["errors"][-1] if t["errors"] else (t.get("last") or {}).get("error", ""))]
-                   for t in failed])
+                  [[t["trial_id"], t["status"], t["attempts"], last_error(t)] for t in failed])
 
     md, page = out / "report.md", out / "report.html"
     md.write_text(doc.markdown())
@@ -541,15 +327,83 @@ def write_report(
     return Report(md, page, plots, summary)
 
 
-def _num(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+def _best_section(exp: Experiment, scored: pd.DataFrame, base: pd.DataFrame, searched: list[str],
+                  top: int, doc: Doc, summary: list[str]) -> None:
+    """The best configurations, the seed baseline beside them."""
+    metric = exp.metric
+    doc.h(2, "Best configurations")
+    shown = scored.head(top)
+    if not base.empty and base["trial_id"].iloc[0] not in set(shown["trial_id"]):
+        shown = pd.concat([shown, base])
+    if shown.empty:
+        doc.p("No trial has a score yet.")
+        return
+    rank = {t: i for i, t in enumerate(scored["trial_id"], 1)}
+    rows = []
+    for r in shown.to_dict("records"):
+        name = r["trial_id"] + (" (seed baseline)" if r["baseline"] else "")
+        at = None if pd.isna(r["best_epoch"]) else int(r["best_epoch"])
+        rows.append([rank.get(r["trial_id"], "-"), name, r["status"], r["epochs"], fmt_score(r[f"best_{metric}"]),
+                     fmt(at), fmt_score(r[f"last_{metric}"])] + [fmt(r[p]) for p in searched])
+    header = ["rank", "trial", "status", "epochs", f"best {metric}", "at epoch", f"last {metric}"]
+    doc.table(header + searched, rows)
+    doc.p("The seed baseline is the original notebook's configuration, trained the same way; "
+          "its values of the searched parameters are its own, outside the space where they differ.")
+    if not scored.empty:
+        best = scored.iloc[0]
+        summary.append(f"best {metric}: {best[f'best_{metric}']:.4f} (trial {best['trial_id']}, "
+                       f"epoch {int(best['best_epoch'])})")
+    if not base.empty and pd.notna(base[f"best_{metric}"].iloc[0]):
+        summary.append(f"seed baseline {metric}: {base[f'best_{metric}'].iloc[0]:.4f}")
+
+
+def _importance_section(exp: Experiment, doc: Doc, summary: list[str], out: Path) -> list[Path]:
+    doc.h(2, "Parameter importance")
+    importances, note = param_importance(exp)
+    doc.p(note)
+    if not importances:
+        reason = note.split(":")[0].split(". ")[0].rstrip(".")  # the note's first clause
+        summary.append(f"parameter importance: not estimated ({reason[0].lower()}{reason[1:]})")
+        return []
+    doc.table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in importances.items()])
+    png = plot_importance(importances, out / "importance.png")
+    doc.img(png, "Parameter importance")
+    top3 = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.items())[:3])
+    summary.append(f"most important: {top3}")
+    return [png]
+
+
+def _trial_plots(exp: Experiment, frame: pd.DataFrame, scored: pd.DataFrame, base: pd.DataFrame,
+                 searched: list[str], doc: Doc, out: Path) -> list[Path]:
+    """Learning curves of the top trials, the metric against each parameter, the history."""
+    plots = []
+    doc.h(2, "Learning curves")
+    entries = [exp.trials[t] for t in scored["trial_id"].head(CURVES)]
+    if not base.empty and base["trial_id"].iloc[0] not in {t["trial_id"] for t in entries}:
+        entries.append(exp.trials[base["trial_id"].iloc[0]])
+    entries = [t for t in entries if exp.history(t)]
+    if entries:
+        plots.append(plot_curves(exp, entries, out / "learning_curves.png"))
+        doc.img(plots[-1], f"Learning curves of the top {len(entries)} trials (from result.json)")
+    else:
+        doc.p("No scored trial has reported an epoch in its result.json yet.")
+    doc.h(2, f"{exp.metric} against each hyperparameter")
+    params_png = plot_params(exp, frame, searched, out / "params.png")
+    if params_png:
+        plots.append(params_png)
+        doc.img(params_png, f"best {exp.metric} of each search trial against each searched hyperparameter")
+    else:
+        doc.p("No search trial has a score yet." if searched else "The space searched no hyperparameters.")
+    doc.h(2, "Optimization history")
+    plots.append(plot_history(exp, out / "history.png"))
+    doc.img(plots[-1], "Optimization history: each trial's best score and the best so far")
+    return plots
 
 
 def _metrics_rows(named: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    keys = ["accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae", "loss"]
-    keys = [k for k in keys if any(k in m for m in named.values())]
+    keys = [k for k in METRIC_KEYS + ("loss",) if any(k in m for m in named.values())]
     return ["model"] + keys + ["images"], [
-        [name] + [_num(m.get(k)) for k in keys] + [str(m["n_images"])] for name, m in named.items()
+        [name] + [fmt_score(m.get(k)) for k in keys] + [str(m["n_images"])] for name, m in named.items()
     ]
 
 
@@ -560,12 +414,8 @@ def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) ->
     except TuneAgeError as exc:
         doc.p(f"Not evaluated: {exc}")
         return []
-    base_refs = [r for r in list_checkpoints(exp) if r.baseline and r.value(exp.metric) is not None]
-    sign = 1 if exp.mode == "max" else -1
-    base_ref = max(base_refs, key=lambda r: sign * r.value(exp.metric)) if base_refs else None
-    sizes = sorted({int(torch.load(r.path, map_location="cpu", weights_only=True, mmap=True)["image_size"])
-                    for r in [ref] + ([base_ref] if base_ref else [])})
-    data, why = load_search_data(exp, sizes)
+    base_ref = best_of([r for r in list_checkpoints(exp) if r.baseline], exp.metric)
+    data, why = load_search_data(exp, sorted({r.image_size for r in (ref, base_ref) if r is not None}))
     doc.p(f"The best checkpoint over every epoch kept of every trial: trial `{ref.trial_id}`"
           f"{' (the seed baseline)' if ref.baseline else ''}, epoch {ref.epoch} "
           f"(`{ref.path.relative_to(exp.path)}`), which stored {exp.metric} {ref.value(exp.metric):.4f}.")
@@ -590,7 +440,7 @@ def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) ->
     doc.img(plots[-1], "Confusion matrix of the best model on the validation split (rows: true group)")
     series = {"validation": per_group_accuracy(val["confusion"])}
     counts = np.asarray(val["confusion"]).sum(1)
-    group_rows = [[n, int(c), _num(a)] for n, c, a in zip(names, counts, series["validation"])]
+    group_rows = [[n, int(c), fmt_score(a)] for n, c, a in zip(names, counts, series["validation"])]
 
     doc.h(2, "Test split")
     test = result.get("test")
@@ -610,7 +460,7 @@ def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) ->
         doc.img(plots[-1], "Confusion matrix of the best model on the test split")
         series["test"] = per_group_accuracy(test["confusion"])
         tcounts = np.asarray(test["confusion"]).sum(1)
-        group_rows = [r + [int(c), _num(a)] for r, c, a in zip(group_rows, tcounts, series["test"])]
+        group_rows = [r + [int(c), fmt_score(a)] for r, c, a in zip(group_rows, tcounts, series["test"])]
         summary.append(f"test split (best model): accuracy {test['accuracy']:.4f}, one_off "
                        f"{test['one_off']:.4f}, macro_f1 {test['macro_f1']:.4f}")
     doc.h(3, "Per-group accuracy")
@@ -630,8 +480,8 @@ def _rerun_section(exp: Experiment, rerun: dict[str, Any], doc: Doc, summary: li
           f"does not win. Run {rerun['created']}.")
     if rerun.get("data_fingerprint") != exp.meta.get("data_fingerprint"):
         doc.p("Note: these reruns used data that differs from the search's.")
-    rows = [[i, r["trial_id"] + (" (seed baseline)" if r["baseline"] else ""), _num(r["mean"]),
-             _num(r["std"]), ", ".join(_num(s) for s in r["scores"]), _num(r["search_best"]),
+    rows = [[i, r["trial_id"] + (" (seed baseline)" if r["baseline"] else ""), fmt_score(r["mean"]),
+             fmt_score(r["std"]), ", ".join(fmt_score(s) for s in r["scores"]), fmt_score(r["search_best"]),
              r["diverged"]] for i, r in enumerate(rerun["configs"], 1)]
     doc.table(["rank", "trial", "mean", "std", "per seed", "search best", "diverged"], rows)
     first = rerun["configs"][0]

@@ -2,7 +2,6 @@
 
     exp = load_experiment("~/tune_age_results/search-20261128-120000")
     exp.best_trial()        # the trial entry with the best value of the metric
-    exp.frame()             # one row per trial, as a pandas DataFrame
     exp.history(entry)      # every epoch a trial reported (its result.json)
     table = trials_table(exp, sort="val_f1", top=5, status=["completed"])
     print(render(exp, table, "table"))   # or "csv", "markdown", "json"
@@ -73,16 +72,14 @@ class Experiment:
     def study_path(self) -> Path:
         return self.path / STUDY_FILE
 
-    def _key(self, entry: dict[str, Any]) -> float:
-        return entry["best"] if self.mode == "max" else -entry["best"]
-
     def best_trial(self, include_baseline: bool = True) -> dict[str, Any] | None:
         scored = [
             t for t in self.trials.values()
             if t["best"] is not None and t["status"] not in FAILED
             and (include_baseline or not is_baseline(t))
         ]
-        return max(scored, key=self._key) if scored else None
+        sign = direction(self.metric)
+        return max(scored, key=lambda t: sign * t["best"]) if scored else None
 
     def baseline_trial(self) -> dict[str, Any] | None:
         return next((t for t in self.trials.values() if is_baseline(t)), None)
@@ -135,26 +132,19 @@ class Experiment:
                 by_epoch[int(row.get("epoch", row.get("training_iteration", len(by_epoch) + 1)))] = row
         return [by_epoch[e] for e in sorted(by_epoch)]
 
-    def frame(self) -> pd.DataFrame:
-        """One row per trial: id, status, epochs, best, last, then the hyperparameters."""
-        rows = []
-        for t in self.trials.values():
-            last = (t.get("last") or {}).get(self.metric)
-            row = {
-                "trial_id": t["trial_id"],
-                "status": t["status"],
-                "epochs": t["epochs"],
-                f"best_{self.metric}": t["best"],
-                f"last_{self.metric}": None if (t.get("last") or {}).get("diverged") else last,
-                "baseline": is_baseline(t),
-            }
-            row.update(hyperparameters(t))
-            rows.append(row)
-        return pd.DataFrame(rows)
-
 
 def is_baseline(entry: dict[str, Any]) -> bool:
     return bool(entry.get("config", {}).get("_baseline"))
+
+
+def direction(metric: str) -> int:
+    """+1 where a larger `metric` is better (val_acc), -1 where a smaller one is (val_loss)."""
+    return 1 if METRICS[metric] == "max" else -1
+
+
+def last_error(entry: dict[str, Any]) -> str:
+    """The last error a trial logged, or the one its last report carries; "" when none."""
+    return entry["errors"][-1] if entry["errors"] else (entry.get("last") or {}).get("error", "")
 
 
 def hyperparameters(entry: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +191,11 @@ def load_experiment(path: str | Path) -> Experiment:
             f"{path} is not a tune_age experiment folder (no {META_FILE}); "
             "give the folder that `tune-age search` printed"
         )
-    meta = json.loads((path / META_FILE).read_text())
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise TuneAgeError(f"{path / META_FILE}: not valid JSON ({exc.msg}, line {exc.lineno}); "
+                           "the file was damaged or edited by hand") from None
     return Experiment(path, meta, read_trials(path / TRIALS_FILE), source)
 
 
@@ -213,7 +207,7 @@ def best_and_last(exp: Experiment, entry: dict[str, Any], metric: str) -> tuple[
     if metric == exp.metric:
         last = (entry.get("last") or {})
         return entry["best"], None if last.get("diverged") else last.get(metric), entry.get("best_epoch")
-    sign = 1 if METRICS[metric] == "max" else -1
+    sign = direction(metric)
     best = last = best_epoch = None
     for row in exp.history(entry):
         value = row.get(metric)
@@ -283,6 +277,11 @@ def trials_table(
     return frame.reset_index(drop=True)
 
 
+def scored_trials(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of a trials_table with a best `metric` and no failure, in its order (best first)."""
+    return frame[frame[f"best_{metric}"].notna() & ~frame["status"].isin(FAILED)]
+
+
 def _column_order(rows: list[dict], exp: Experiment, metrics: list[str]) -> list[str]:
     head = list(CORE)
     for m in metrics:
@@ -296,7 +295,7 @@ def _column_order(rows: list[dict], exp: Experiment, metrics: list[str]) -> list
 def _sort_mixed(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     """Ascending by one column that may mix numbers, text ("native") and gaps."""
     def order(value: Any) -> tuple:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if _missing(value):
             return (2, 0, "")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (0, value, "")
@@ -309,9 +308,13 @@ def _sort_mixed(frame: pd.DataFrame, key: str) -> pd.DataFrame:
 # --- rendering ---------------------------------------------------------------------------------
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def fmt(value: Any) -> str:
-    """A short, readable cell: 4 decimals for scores, 3 significant digits otherwise."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A short, readable cell: 4 significant digits, 1.0e-04 below 0.01, "-" for none, yes/no."""
+    if _missing(value):
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -322,10 +325,9 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _score(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4f}"
+def fmt_score(value: Any) -> str:
+    """A score with 4 decimals; "-" when there is none."""
+    return "-" if _missing(value) else f"{value:.4f}"
 
 
 def render(exp: Experiment, frame: pd.DataFrame, fmt_name: str = "table", width: int | None = None,
@@ -339,7 +341,7 @@ def render(exp: Experiment, frame: pd.DataFrame, fmt_name: str = "table", width:
     if fmt_name == "json":
         return json.dumps(json.loads(frame.to_json(orient="records")), indent=1) + "\n"
     if fmt_name == "markdown":
-        cells = [[_score(v) if c.startswith(("best_v", "last_v")) else fmt(v) for c, v in row.items()]
+        cells = [[fmt_score(v) if c.startswith(("best_v", "last_v")) else fmt(v) for c, v in row.items()]
                  for row in frame.to_dict("records")]
         return markdown_table(list(frame.columns), cells)
     return narrow_table(exp, frame, width or shutil.get_terminal_size((80, 24)).columns, full, first)
@@ -388,7 +390,7 @@ def narrow_table(exp: Experiment, frame: pd.DataFrame, width: int = 80, full: bo
         cols.append(("ep", [str(v) for v in frame["epochs"]], True))
     for c in metric_cols:
         head = c.split("_")[0] if c.endswith(f"_{exp.metric}") else c
-        cols.append((head, [_score(v) for v in frame[c]], True))
+        cols.append((head, [fmt_score(v) for v in frame[c]], True))
     if "best_epoch" in frame:
         cols.append(("at", [fmt(None if pd.isna(v) else int(v)) for v in frame["best_epoch"]], True))
     params = [c for c in custom if c not in metric_cols and c != "best_epoch"]
@@ -469,8 +471,7 @@ def summary_lines(exp: Experiment) -> list[str]:
         score = f"{base['best']:.4f}" if base["best"] is not None else base["status"]
         lines.append(f"seed baseline {metric}: {score} (trial {base['trial_id']})")
     for t in exp.failed():
-        why = t["errors"][-1] if t["errors"] else (t.get("last") or {}).get("error", "")
-        lines.append(f"trial {t['trial_id']} {t['status']} after {t['attempts']} attempt(s): {why}")
+        lines.append(f"trial {t['trial_id']} {t['status']} after {t['attempts']} attempt(s): {last_error(t)}")
     lines.append(f"experiment folder: {exp.path}")
     lines.append(f"next: tune-age trials {exp.path}")
     lines.append(f"      tune-age report {exp.path}")
@@ -479,4 +480,5 @@ def summary_lines(exp: Experiment) -> list[str]:
 
 
 def _fmt(value: Any) -> str:
+    """A value as `tune-age train key=value` takes it back (so not fmt's "yes" or "1.0e-04")."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,173 @@
+"""The report's figures, as PNG files: matplotlib on an experiment, its trials table and
+the best model's confusion matrices.
+
+    plot_history(exp, out / "history.png")                 # best score per trial, best so far
+    plot_curves(exp, entries, out / "learning_curves.png") # metric and losses per epoch
+    plot_params(exp, trials_table(exp), ["lr"], out / "params.png")
+    plot_importance({"lr": 0.7, "dropout": 0.3}, out / "importance.png")
+    plot_confusion(names, confusion, "validation", out / "confusion_val.png")
+    plot_groups(names, {"validation": [0.8, ...]}, out / "per_group.png")
+
+Each function writes one file and returns its path (plot_params: None when there is
+nothing to plot). They draw on matplotlib's Agg canvas through `Figure`, never pyplot,
+so no display is needed; report.py puts them in report.md and report.html.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .results import FAILED, Experiment, direction, is_baseline
+
+DPI = 90
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, file: Path) -> Path:
+    fig.savefig(file, format="png")
+    return file
+
+
+def plot_history(exp: Experiment, file: Path) -> Path:
+    """Each trial's best metric in start order, the running best, the baseline starred."""
+    trials = sorted(exp.trials.values(), key=lambda t: t.get("started") or 0)
+    fig = _figure(7, 3.6)
+    ax = fig.add_subplot()
+    sign = direction(exp.metric)
+    running, best = [], None
+    for i, t in enumerate(trials, 1):
+        value = t["best"]
+        if value is not None and t["status"] not in FAILED:
+            best = value if best is None or sign * value > sign * best else best
+            marker = "*" if is_baseline(t) else "o"
+            color = "tab:blue" if t["status"] == "completed" else "tab:gray"
+            ax.scatter([i], [value], marker=marker, s=90 if marker == "*" else 30, color=color, zorder=3)
+        running.append(best)
+    ax.plot(range(1, len(trials) + 1), [np.nan if r is None else r for r in running],
+            color="tab:orange", drawstyle="steps-post", label="best so far")
+    _integer_x(ax)
+    ax.set_xlabel("trial (in start order); gray: stopped early, star: seed baseline")
+    ax.set_ylabel(f"best {exp.metric}")
+    ax.set_title("Optimization history")
+    ax.legend(loc="best")
+    return _save(fig, file)
+
+
+def plot_curves(exp: Experiment, entries: list[dict[str, Any]], file: Path) -> Path:
+    """The metric and the losses per epoch of the given trials."""
+    fig = _figure(10, 3.8)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, t in enumerate(entries):
+        rows = [r for r in exp.history(t) if not r.get("diverged")]
+        if not rows:
+            continue
+        color = f"C{i % 10}"
+        label = t["trial_id"] + (" (baseline)" if is_baseline(t) else "")
+        epochs = [r.get("epoch") for r in rows]
+        left.plot(epochs, [r.get(exp.metric) for r in rows], marker="o", color=color, label=label)
+        right.plot(epochs, [r.get("train_loss") for r in rows], color=color, linestyle="--")
+        right.plot(epochs, [r.get("val_loss") for r in rows], color=color, marker="o")
+    losses = [v for line in right.get_lines() for v in line.get_ydata() if v is not None and v > 0]
+    if losses and max(losses) > 20 * min(losses):  # one runaway trial would flatten the rest
+        right.set_yscale("log")
+    for ax in (left, right):
+        _integer_x(ax)
+    left.set(xlabel="epoch", ylabel=exp.metric, title=f"{exp.metric} of the top trials")
+    right.set(xlabel="epoch", ylabel="loss", title="val loss (solid) and train loss (dashed)")
+    if left.get_lines():
+        left.legend(fontsize="small")
+    return _save(fig, file)
+
+
+def plot_params(exp: Experiment, frame: pd.DataFrame, params: list[str], file: Path) -> Path | None:
+    """The best metric of each search trial (rows of trials_table) against each searched
+    hyperparameter; None when no search trial has a score or nothing was searched."""
+    col = f"best_{exp.metric}"
+    rows = frame[~frame["baseline"] & frame[col].notna()]
+    if rows.empty or not params:
+        return None
+    base = frame[frame["baseline"] & frame[col].notna()]
+    specs = exp.meta.get("space", {}).get("values", {}).get("params", {})
+    ncols = min(4, len(params))
+    nrows = math.ceil(len(params) / ncols)
+    fig = _figure(3.1 * ncols, 2.6 * nrows)
+    colors = ["tab:blue" if s == "completed" else "tab:gray" for s in rows["status"]]
+    for i, name in enumerate(params, 1):
+        ax = fig.add_subplot(nrows, ncols, i)
+        values = rows[name].tolist()
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
+            ax.scatter(values, rows[col], c=colors, s=20)
+            if "loguniform" in (specs.get(name) or {}) and min(values) > 0:
+                ax.set_xscale("log")
+            elif all(isinstance(v, int) for v in values):
+                _integer_x(ax)
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], rows[col], c=colors, s=20)
+            ax.set_xticks(range(len(labels)), labels, fontsize="small")
+        if not base.empty:
+            ax.axhline(base[col].iloc[0], color="tab:red", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize="medium")
+        if (i - 1) % ncols == 0:
+            ax.set_ylabel(f"best {exp.metric}")
+    fig.suptitle("metric against each hyperparameter (gray: stopped early; red line: seed baseline)",
+                 fontsize="medium")
+    return _save(fig, file)
+
+
+def plot_importance(importances: dict[str, float], file: Path) -> Path:
+    """Horizontal bars, the most important parameter on top."""
+    names = list(importances)[::-1]
+    fig = _figure(6, 0.35 * len(names) + 1.2)
+    ax = fig.add_subplot()
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance", title="Parameter importance")
+    return _save(fig, file)
+
+
+def plot_confusion(names: list[str], confusion: list[list[int]], title: str, file: Path) -> Path:
+    """Counts in the cells, shaded by the share of each true group (row)."""
+    counts = np.asarray(confusion, dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig = _figure(0.55 * len(names) + 2.5, 0.5 * len(names) + 2)
+    ax = fig.add_subplot()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), n in np.ndenumerate(counts):
+        if n:
+            ax.text(c, r, int(n), ha="center", va="center", fontsize="small",
+                    color="white" if share[r, c] > 0.6 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(range(len(names)), names, fontsize="small")
+    ax.set(xlabel="predicted group", ylabel="true group", title=title)
+    return _save(fig, file)
+
+
+def plot_groups(names: list[str], series: dict[str, list[float | None]], file: Path) -> Path:
+    """Accuracy within each group, one bar per series (validation, test) side by side."""
+    fig = _figure(7, 3.4)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, [np.nan if v is None else v for v in values], width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+    ax.set(ylabel="accuracy within the group", ylim=(0, 1), title="Per-group accuracy of the best model")
+    ax.legend()
+    return _save(fig, file)
