@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -37,7 +38,7 @@ from .errors import DataError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump whenever the drawing changes, so cached folders are redrawn
+VERSION = 2  # bump whenever the drawing changes, so cached folders are redrawn
 SUPERSAMPLE = 2  # draw at twice the size, then downscale: smooth edges for free
 RACE_P = (0.42, 0.19, 0.15, 0.17, 0.07)  # UTKFace's mix: white, black, asian, indian, others
 SKIN_LUMINANCE = ((0.70, 0.95), (0.22, 0.55), (0.60, 0.88), (0.40, 0.72), (0.42, 0.88))  # by race
@@ -180,7 +181,7 @@ def _edge(d: np.ndarray, px: float) -> np.ndarray:
 
 def _background(p: dict, n: int) -> np.ndarray:
     x, y = _grid(n)
-    t = (np.cos(p["bg_angle"]) * x + np.sin(p["bg_angle"]) * y) / n
+    t = (math.cos(p["bg_angle"]) * x + math.sin(p["bg_angle"]) * y) / n
     t = (t - t.min()) / (np.ptp(t) + 1e-6)
     c0, c1 = p["bg"]
     if p["bg_kind"] == 0:  # plain
@@ -230,7 +231,7 @@ def _render(age: float, p: dict, t: dict, size: int) -> Image.Image:
     skin = p["skin"] * _lerp(1.0, 0.9, t["skin_age"])
     skin = skin.mean() + (skin - skin.mean()) * _lerp(1.15, 0.72, t["skin_age"])  # babies rosy, old pale
     skin = skin + np.array([0.03, -0.01, -0.01], np.float32) * (1 - t["g"])
-    strands = _noise(r, n, n // 16, n // 6)  # hair runs roughly top to bottom
+    strands = _noise(r, n, n // 10, n // 3)  # hair runs roughly top to bottom
     grey_mix = np.clip((t["grey"] - strands) * 2.5 + 0.5, 0, 1)[..., None] if t["grey"] > 0 else 0.0
     shine = (0.8 + 0.4 * strands)[..., None]
     hair_col = (p["hair"] * (1 - grey_mix) + p["grey"] * grey_mix) * shine
@@ -439,7 +440,7 @@ def _photo(im: Image.Image, p: dict) -> Image.Image:
     n = im.size[0]
     x, y = _grid(n)
     gain, grad, ang, contrast = p["light"]
-    light = gain + grad * ((np.cos(ang) * x + np.sin(ang) * y) / n - 0.5)
+    light = gain + grad * ((math.cos(ang) * x + math.sin(ang) * y) / n - 0.5)
     a = np.asarray(im, dtype=np.float32) / 255.0
     a = (a - a.mean()) * contrast + a.mean()
     a = a * light[..., None] * p["cast"]
