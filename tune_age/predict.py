@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .data.decode import decode_images
-from .data.sources import _list_images, read_manifest
+from .data.sources import list_images, read_manifest
 from .engine import evaluate as engine_evaluate
 from .engine import predict_logits
 from .errors import ConfigError, DataError
@@ -36,7 +36,7 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = _list_images(path)
+            found = list_images(path)
             if not found:
                 raise DataError(f"{path}: no image files in this folder (or its sub-folders)")
             files += found

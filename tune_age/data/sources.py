@@ -50,7 +50,7 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _list_images(root: Path) -> list[Path]:
+def list_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, sorted; hidden folders (.git, .cache) are skipped."""
     found = []
     for folder, dirs, files in os.walk(root):
@@ -82,7 +82,7 @@ def _check_folder(root: Path) -> list[Path]:
         raise DataError(f"{root}: not a folder")
     if not any(root.iterdir()):
         raise DataError(f"{root}: the folder is empty; {LAYOUTS_HELP}")
-    images = _list_images(root)
+    images = list_images(root)
     if not images:
         raise DataError(
             f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
