@@ -379,10 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool) -> tuple:
+    """Prints tune_age's log lines plainly on stdout; returns what to restore afterwards."""
+    root = logging.getLogger("tune_age")
+    saved = (list(root.handlers), root.level, root.propagate)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("tune_age")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
@@ -401,12 +403,13 @@ def _setup_logging(verbose: bool) -> None:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         except ImportError:
             pass
+    return saved
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    saved = _setup_logging(args.verbose)
     try:
         return args.func(args)
     except TuneAgeError as exc:
@@ -415,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ntune-age: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:  # called in-process (tests, notebooks): leave logging as it was
+        root = logging.getLogger("tune_age")
+        root.handlers[:], root.propagate = saved[0], saved[2]
+        root.setLevel(saved[1])
 
 
 if __name__ == "__main__":
