@@ -64,13 +64,31 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def split_tensors(data: FaceData, image_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+class SplitView:
+    """The rows of one split of an image tensor, indexed like a tensor but never copied whole.
+
+    On the CPU every trial reads the one image array (Ray's object store, shared between
+    trials); a batch gathers its rows from it, as indexing a copy of the split would.
+    """
+
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor):
+        self.images, self.rows = images, rows
+        self.device, self.dtype = images.device, images.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.images[self.rows[idx]]
+
+
+def split_tensors(data: FaceData, image_size: int, device: torch.device) -> dict[str, Any]:
     """uint8 images, labels and ages per split; on a GPU the whole split moves once."""
     images = as_tensor(data.images[image_size])
     out = {}
     for split in ("train", "val"):
         idx = torch.as_tensor(data.splits[split], dtype=torch.long)
-        out[f"{split}_x"] = images[idx].to(device) if device.type != "cpu" else images[idx]
+        out[f"{split}_x"] = images[idx].to(device) if device.type != "cpu" else SplitView(images, idx)
         out[f"{split}_y"] = torch.as_tensor(data.labels[data.splits[split]], dtype=torch.long)
         out[f"{split}_age"] = torch.as_tensor(data.ages[data.splits[split]], dtype=torch.float32)
     return out
