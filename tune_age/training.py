@@ -204,6 +204,10 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     os.close(fd)
     try:
         torch.save(state, tmp)
+        # mkstemp makes the file owner-only; a checkpoint gets the usual mode (umask applies)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
