@@ -4,8 +4,8 @@ The driver decodes the data once and hands it to every trial through
 `tune.with_parameters`, so trials read the images from Ray's object store
 (zero-copy on the same node) and never touch the image files. Each epoch
 reports the metrics and a checkpoint; a restarted trial continues from
-`tune.get_checkpoint()`, and one that had already finished reports its final
-metrics again without training.
+`tune.get_checkpoint()`, and one that had already finished (its last
+checkpoint holds every epoch) ends at once without training or reporting again.
 """
 
 from __future__ import annotations
@@ -71,8 +71,7 @@ def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int) -> None
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         restore_run(run, state)
-        if run.epoch >= cfg.epochs:  # finished before the driver stopped
-            tune.report({**_reported(state["metrics"]), **info, "diverged": False})
+        if run.epoch >= cfg.epochs:  # finished before the driver stopped: nothing to redo
             return
     while run.epoch < cfg.epochs:
         _maybe_crash(run.epoch + 1)
