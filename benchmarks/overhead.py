@@ -7,18 +7,18 @@ K identical trials of TrainConfig's default model for E epochs on the built-in f
       FIFO, no seed baseline; timed from starting Ray to after `ray.shutdown()`, so it
       includes Ray's start, trial start, per-epoch checkpoints and reports, and shutdown.
   (b) plain: the same number of processes as the search runs trials at once
-      (multiprocessing, spawn) with the same torch threads each, each trial a hand-written
-      PyTorch loop (benchmarks/common.py) on the same model in the same memory format,
-      evaluating on the validation split after every epoch; timed from starting the pool
-      to its end.
+      (multiprocessing, spawn) with the same process settings as a trial (torch threads,
+      and on the CPU tune_age.training.keep_freed_memory), each trial a hand-written PyTorch
+      loop (benchmarks/common.py) on the same model in the same memory format, evaluating
+      on the validation split after every epoch; timed from starting the pool to its end.
 
 Ratio a/b; target <= 1.10 for 8 trials x 3 epochs. Then where a's extra time goes: Ray's
 start and shutdown, the time before the first trial, each trial's start, the per-epoch
 reporting and checkpointing, and how much slower the training epochs themselves ran
 (Ray's own processes share the CPU).
 
-    python benchmarks/overhead.py                 # 8 trials x 3 epochs, b then a (~7 min)
-    python benchmarks/overhead.py --repeats 3     # b a, a b, b a: medians (~20 min)
+    python benchmarks/overhead.py                 # 8 trials x 3 epochs, b then a (5-9.5 min)
+    python benchmarks/overhead.py --repeats 3     # b a, a b, b a: medians (15-28 min)
     python benchmarks/overhead.py --quick         # 4 trials x 1 epoch
 """
 
@@ -65,7 +65,12 @@ def parse(argv=None) -> argparse.Namespace:
 def _init_worker(arrays: dict, threads: int, channels_last: bool) -> None:
     import torch
 
+    from tune_age.training import keep_freed_memory
+
+    # A trial's process settings (start_run sets the malloc one on the CPU), so that (b)
+    # differs from (a) by the orchestration alone.
     torch.set_num_threads(threads)
+    keep_freed_memory()
     _WORKER.update({k: torch.from_numpy(v) for k, v in arrays.items()}, channels_last=channels_last)
 
 
