@@ -221,8 +221,10 @@ def _name(pid: int) -> str:
 
 
 def memory_of(pid: int) -> dict[str, int] | None:
-    """Bytes: Rss, Pss (each shared page split among its sharers), Private, and the shared
-    memory part of both (ShmRss, ShmPss: on a Ray node, almost all of it the object store)."""
+    """Bytes: Rss, Pss (each shared page split among its sharers), Private, the shared
+    memory part of Rss and Pss (ShmRss, ShmPss: on a Ray node, almost all of it the object
+    store) and Anon (anonymous memory: the heap, numpy and torch arrays; neither shared
+    memory nor mapped files such as torch's libraries)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             rollup = f.read()
@@ -238,7 +240,8 @@ def memory_of(pid: int) -> dict[str, int] | None:
             kb[key] = int(parts[0]) * 1024
     return {"Rss": kb.get("Rss", 0), "Pss": kb.get("Pss", 0),
             "Private": kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0),
-            "ShmRss": kb.get("RssShmem", 0), "ShmPss": kb.get("Pss_Shmem", 0)}
+            "ShmRss": kb.get("RssShmem", 0), "ShmPss": kb.get("Pss_Shmem", 0),
+            "Anon": kb.get("Anonymous", 0)}
 
 
 class Sampler:
@@ -248,11 +251,14 @@ class Sampler:
         with Sampler(memory=True, roles=ROLES) as s:
             run_search(...)
         s.others_cores, s.peak["Pss"], s.at_peak   # cores others took; peak bytes; by role
+        s.cpu_by_role                              # CPU seconds of the tree, by role
 
     It runs in a child process (`python common.py --root PID`), so it neither takes the
     GIL from the loop being timed nor counts itself: a thread here slowed the engine's
     Python-heavier loop more than the plain one and skewed their ratio by 10-15 %.
-    `roles` maps substrings of a command line to a role name (first match; else "other").
+    `roles` maps substrings of a command line to a role name (first match; else "other");
+    with roles, the tree's CPU time is also summed by role (the sampler's interval apart, a
+    process that lives shorter than one interval is missed).
     """
 
     def __init__(self, interval: float = 0.5, memory: bool = False, roles: dict | None = None):
@@ -289,6 +295,7 @@ def _sample(root: int, interval: float, memory: bool, roles: dict) -> dict:
     t0 = time.monotonic()
     first = True
     res = {"peak": {"Pss": 0, "Rss": 0}, "at_peak": {}, "samples": 0, "series": []}
+    by_role: dict[str, int] = {}
     while True:
         tree = {str(p) for p in process_tree(root) if p != me}
         now = {e.name: _cpu_ticks(e.name) for e in os.scandir("/proc") if e.name.isdigit()}
@@ -299,6 +306,9 @@ def _sample(root: int, interval: float, memory: bool, roles: dict) -> dict:
                 delta = t - ticks.get(pid, 0)  # a process born since the last sample counts whole
                 if pid in tree:
                     ours += delta
+                    if roles and delta:
+                        role = _role(_name(int(pid)), roles)  # titles change: ray::IDLE -> a trial
+                        by_role[role] = by_role.get(role, 0) + delta
                 else:
                     others += delta
         first = False
@@ -309,7 +319,8 @@ def _sample(root: int, interval: float, memory: bool, roles: dict) -> dict:
         if ready:
             break
     elapsed = max(time.monotonic() - t0, 1e-9)
-    res.update(ours_cores=ours / TICK / elapsed, others_cores=others / TICK / elapsed, seconds=elapsed)
+    res.update(ours_cores=ours / TICK / elapsed, others_cores=others / TICK / elapsed, seconds=elapsed,
+               cpu_by_role={role: t / TICK for role, t in by_role.items()})
     return res
 
 

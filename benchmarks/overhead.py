@@ -35,6 +35,12 @@ import time
 import common
 
 TARGET = 1.10
+ROLES = {  # command-line substring -> role, first match wins (common.Sampler)
+    "overhead.py": "driver",
+    "ray::ImplicitFunc": "trials",
+    "python from": "trials",  # spawn children: python -c "from multiprocessing.spawn import ..."
+    "ray": "Ray's own processes",
+}
 SPACE = """\
 description: overhead benchmark - TrainConfig's defaults, nothing searched
 params:
@@ -199,12 +205,13 @@ def main(argv=None) -> int:
     plain, tune = [], []
     for rep in range(args.repeats):
         for side in (("b", "a") if rep % 2 == 0 else ("a", "b")):
-            with common.Sampler() as s:
+            with common.Sampler(roles=ROLES) as s:
                 if side == "a":
                     r = run_tune(args, work / "results", space_file, f"overhead-{rep}", slots)
                 else:
                     r = run_plain(args, data, slots, threads, channels_last)
             r["others"] = s.others_cores
+            r["cpu"] = s.cpu_by_role
             (tune if side == "a" else plain).append(r)
             print(f"run {rep + 1} ({side}) {'tune_age' if side == 'a' else 'plain'}: {r['wall']:.1f} s; "
                   f"others used {s.others_cores:.2f} of {common.CORES} cores", flush=True)
@@ -220,6 +227,14 @@ def main(argv=None) -> int:
         print(f"{name:>34} {ma:13.1f} {mb:10.1f} {ma - mb:+8.1f}")
     b_train = [x for r in plain for t in r["trials"] for x in t["train_s"]]
     print(f"b's training epoch alone: {common.spread(b_train)} s")
+    common.section("CPU seconds by process, medians over repeats (what competes with the trials)")
+    roles = list(dict.fromkeys([*ROLES.values(), "other"]))
+    print(f"{'':>34} {'(a) tune_age':>13} {'(b) plain':>10}")
+    for role in roles:
+        a = statistics.median(r["cpu"].get(role, 0.0) for r in tune)
+        b = statistics.median(r["cpu"].get(role, 0.0) for r in plain)
+        if a or b:
+            print(f"{role:>34} {a:13.1f} {b:10.1f}")
 
     a_wall = [r["wall"] for r in tune]
     b_wall = [r["wall"] for r in plain]

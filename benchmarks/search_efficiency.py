@@ -155,8 +155,9 @@ def main(argv=None) -> int:
               f"{common.spread([r['epochs'] for r in rs], '{:.0f}')}, wall {common.spread([r['seconds'] for r in rs], '{:.0f}')} s")
     print(f"TPE + ASHA epochs to reach the median random + FIFO best ({median_rf:.4f}): "
           + ", ".join("never" if e is None else str(e) for e in against_median))
-    print(f"noise: other processes used {load.others_cores:.2f} of {common.CORES} cores (affects wall "
-          "times only: epochs and accuracies do not depend on load)")
+    print(f"noise: other processes used {load.others_cores:.2f} of {common.CORES} cores (load changes "
+          "wall times, and with trials running in parallel it can change the order in which they "
+          "finish, so what TPE has seen when it suggests the next trial and which trials ASHA compares)")
     med = statistics.median(fractions)
     rf_epochs = statistics.median(results[("random + FIFO", s)]["epochs"] for s in seeds)
     ta_epochs = statistics.median(results[("TPE + ASHA", s)]["epochs"] for s in seeds)

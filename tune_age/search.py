@@ -176,7 +176,11 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # No prestarted workers: Ray would start one per CPU for plain tasks, but Tune's trial
+        # actors carry a runtime_env and never use them, so they only cost CPU while the trials'
+        # workers start (about 1 s each) and memory (50-80 MB each) for the whole search.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 _system_config={"prestart_worker_first_driver": False})
 
 
 def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData) -> None:
@@ -270,10 +274,15 @@ def run_search(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog prints progress; verbose=0 silences Ray
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not search.resume:
+        write_meta(plan, search, data_cfg, data)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs),
         {"cpu": cpus, "gpu": gpus},
     )
+    # with_parameters has put the data into Ray's object store, where every trial on this
+    # node maps it; the driver's own decoded copy would only hold the data set twice.
+    del data
     callbacks = [TrialLog(plan.exp_dir, search.metric, search.mode, plan.max_epochs)]
     run_config = tune.RunConfig(
         name=plan.name,
@@ -290,7 +299,6 @@ def run_search(
             str(plan.exp_dir), trainable, resume_unfinished=True, resume_errored=True,
         )
     else:
-        write_meta(plan, search, data_cfg, data)
         searcher = StudySearch(
             plan.space,
             metric=search.metric,
