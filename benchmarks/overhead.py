@@ -8,9 +8,10 @@ K identical trials of TrainConfig's default model for E epochs on the built-in f
       includes Ray's start, trial start, per-epoch checkpoints and reports, and shutdown.
   (b) plain: the same number of processes as the search runs trials at once
       (multiprocessing, spawn) with the same process settings as a trial (torch threads,
-      and on the CPU tune_age.training.keep_freed_memory), each trial a hand-written PyTorch
-      loop (benchmarks/common.py) on the same model in the same memory format, evaluating
-      on the validation split after every epoch; timed from starting the pool to its end.
+      tune_age.training.TRIAL_PROCESS_ENV, and on the CPU keep_freed_memory), each trial a
+      hand-written PyTorch loop (benchmarks/common.py) on the same model in the same memory
+      format, evaluating on the validation split after every epoch; timed from starting
+      the pool to its end.
 
 Ratio a/b; target <= 1.10 for 8 trials x 3 epochs. Then where a's extra time goes: Ray's
 start and shutdown, the time before the first trial, each trial's start, the per-epoch
@@ -118,11 +119,22 @@ def run_plain(args, data, slots: int, threads: int, channels_last: bool) -> dict
     for name in ("train", "val"):
         rows = data.splits[name]
         arrays[f"{name}_x"], arrays[f"{name}_y"] = data.images[64][rows], data.labels[rows]
-    t0 = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(slots, _init_worker, (arrays, threads, channels_last)) as pool:
-        trials = pool.map(plain_trial, [args.epochs] * args.trials, chunksize=1)
-    t1 = time.time()
+    from tune_age.training import TRIAL_PROCESS_ENV
+
+    saved = {k: os.environ.get(k) for k in TRIAL_PROCESS_ENV}
+    os.environ.update(TRIAL_PROCESS_ENV)  # a trial worker's environment (malloc), read at exec
+    try:
+        t0 = time.time()
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(slots, _init_worker, (arrays, threads, channels_last)) as pool:
+            trials = pool.map(plain_trial, [args.epochs] * args.trials, chunksize=1)
+        t1 = time.time()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return {"wall": t1 - t0, "trials": trials,
             "parts": phases(trials, slots, start=t0, end=t1)}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -97,3 +99,35 @@ def test_fractional_gpus_pack_four_trials_on_two_fake_gpus(fake_gpu_ray, tmp_pat
     assert {t["last"]["device"] for t in trials} == {"cpu"} and not torch.cuda.is_available()
     # All four ran at once: some moment lies inside every trial's run.
     assert max(t["started"] for t in trials) < min(t["ended"] for t in trials)
+
+
+def test_local_ray_gives_trial_workers_their_environment_and_prestarts_none(tmp_path):
+    # In a child process: this module's fake-GPU Ray must not be the one under test.
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, os, subprocess, ray\n"
+        "from tune_age.search import start_ray\n"
+        "start_ray(None)\n"
+        # Tune's trial actors carry a runtime_env of their own (PL_DISABLE_FORK); ours must merge.
+        "@ray.remote(runtime_env={'env_vars': {'PL_DISABLE_FORK': '1'}})\n"
+        "class Trial:\n"
+        "    def env(self):\n"
+        "        return open('/proc/self/environ', 'rb').read().decode().split('\\0')\n"
+        "env = ray.get(Trial.remote().env.remote())\n"
+        # Idle workers of this Ray only: descendants of this process (another Ray may be running).
+        "ps = subprocess.run(['ps', '-eo', 'pid=,ppid=,args='], capture_output=True, text=True).stdout\n"
+        "rows = [line.split(None, 2) + [''] for line in ps.splitlines()]\n"
+        "ours, grew = {str(os.getpid())}, True\n"
+        "while grew:\n"
+        "    new = {r[0] for r in rows if r[1] in ours} - ours\n"
+        "    ours, grew = ours | new, bool(new)\n"
+        "idle = sum(r[0] in ours and r[2].startswith('ray::IDLE') for r in rows)\n"
+        "print(json.dumps({'env': env, 'idle': idle, 'ours': len(ours)}))\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    # glibc reads MALLOC_ARENA_MAX when the process starts: it must be in the exec environment.
+    assert "MALLOC_ARENA_MAX=1" in probe["env"] and "PL_DISABLE_FORK=1" in probe["env"]
+    assert probe["ours"] > 3 and probe["idle"] == 0  # Ray's processes found, no idle worker among them

@@ -173,14 +173,17 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    from .training import TRIAL_PROCESS_ENV
+
+    runtime_env = {"env_vars": dict(TRIAL_PROCESS_ENV)}  # Tune adds its own variables to these
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
         # No prestarted workers: Ray would start one per CPU for plain tasks, but Tune's trial
         # actors carry a runtime_env and never use them, so they only cost CPU while the trials'
         # workers start (about 1 s each) and memory (50-80 MB each) for the whole search.
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 _system_config={"prestart_worker_first_driver": False})
+                 runtime_env=runtime_env, _system_config={"prestart_worker_first_driver": False})
 
 
 def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData) -> None:
