@@ -181,7 +181,7 @@ def start_ray(address: str | None) -> None:
     else:
         # No prestarted workers: Ray would start one per CPU for plain tasks, but Tune's trial
         # actors carry a runtime_env and never use them, so they only cost CPU while the trials'
-        # workers start (about 1 s each) and memory (50-80 MB each) for the whole search.
+        # workers start (about 1 s each) and memory (about 50 MiB PSS each) for the whole search.
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  runtime_env=runtime_env, _system_config={"prestart_worker_first_driver": False})
 
