@@ -101,20 +101,20 @@ def split(data, size: int, name: str):
 
 
 def timed_trainable(timing_dir, load=None):
-    """tune_age.trainable.train_trial with the wall-clock times of its phases written to
+    """tune_age.search.trainable.train_trial with the wall-clock times of its phases written to
     `timing_dir/<trial id>.json`: entered, each epoch's (start, end), each tune.report's
     (start, end), ended, and the process's memory (memory_of) on entry and when the first
     epoch starts. With `load`, the trial ignores the data Ray hands it and calls
     `load()` for its own (timed as "loaded").
 
-        tune_age.trainable.train_trial = timed_trainable(folder)   # before run_search
+        tune_age.search.trainable.train_trial = timed_trainable(folder)   # before run_search
         ray.cloudpickle.register_pickle_by_value(common)           # workers need not import us
     """
 
     def trainable(config, data, max_epochs):
         from ray import tune
 
-        import tune_age.trainable as T
+        import tune_age.search.trainable as T
 
         # Looked up here, in the worker, where the module is unpatched: a reference taken in
         # the driver would be pickled by value, with its own copy of the module's globals.

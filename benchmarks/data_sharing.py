@@ -99,24 +99,24 @@ class DecodeCounter(logging.Handler):
 def one_search(name, args, data_cfg, storage, space_file, load=None) -> dict:
     import ray
 
-    import tune_age.trainable
+    import tune_age.search.trainable
     from tune_age.config import SearchConfig
     from tune_age.search import run_search
-    from tune_age.tracking import read_trials
+    from tune_age.search.tracking import read_trials
 
     search = SearchConfig(space=str(space_file), num_samples=args.trials, max_epochs=args.epochs,
                           scheduler="fifo", baseline_first=False, storage=str(storage), name=name)
     timing = common.fresh_dir("ta_bench_timing_")
-    real = tune_age.trainable._untimed_train_trial = tune_age.trainable.train_trial
-    tune_age.trainable.train_trial = common.timed_trainable(timing, load=load)
+    real = tune_age.search.trainable._untimed_train_trial = tune_age.search.trainable.train_trial
+    tune_age.search.trainable.train_trial = common.timed_trainable(timing, load=load)
     t0 = time.perf_counter()
     try:
         with DecodeCounter() as counter, common.Sampler() as load_sampler:
             exp = run_search(search, data_cfg, progress=False)
         ray.shutdown()
     finally:
-        tune_age.trainable.train_trial = real
-        del tune_age.trainable._untimed_train_trial
+        tune_age.search.trainable.train_trial = real
+        del tune_age.search.trainable._untimed_train_trial
     ray_view = {t["trial_id"]: t for t in read_trials(exp / "trials.jsonl").values()}
     trials = []
     for path in sorted(timing.glob("*.json")):
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     import ray.cloudpickle
 
     from tune_age.config import DataConfig
-    from tune_age.synthetic import ensure_synthetic
+    from tune_age.data.synthetic import ensure_synthetic
 
     ray.cloudpickle.register_pickle_by_value(common)  # trials run common.timed_trainable
     size = 64  # TrainConfig's default image_size

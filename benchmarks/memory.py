@@ -83,7 +83,7 @@ def warm_cache(n: int, size) -> None:
 def one_search(args, concurrent: int, storage, space_file) -> tuple[common.Sampler, list[dict]]:
     import ray
 
-    import tune_age.trainable
+    import tune_age.search.trainable
     from tune_age.config import DataConfig, SearchConfig
     from tune_age.search import run_search
 
@@ -91,8 +91,8 @@ def one_search(args, concurrent: int, storage, space_file) -> tuple[common.Sampl
                           baseline_first=False, max_concurrent=concurrent, storage=str(storage),
                           name=f"mem-{concurrent}")
     timing = common.fresh_dir("ta_bench_timing_")
-    real = tune_age.trainable._untimed_train_trial = tune_age.trainable.train_trial
-    tune_age.trainable.train_trial = common.timed_trainable(timing)  # + memory on entry, after setup
+    real = tune_age.search.trainable._untimed_train_trial = tune_age.search.trainable.train_trial
+    tune_age.search.trainable.train_trial = common.timed_trainable(timing)  # + memory on entry, after setup
     try:
         before = common.memory_of(os.getpid())  # the driver with torch and Ray imported
         with common.Sampler(interval=0.2, memory=True, roles=ROLES) as s:
@@ -100,8 +100,8 @@ def one_search(args, concurrent: int, storage, space_file) -> tuple[common.Sampl
         s.result["driver_before"] = before
         ray.shutdown()
     finally:
-        tune_age.trainable.train_trial = real
-        del tune_age.trainable._untimed_train_trial
+        tune_age.search.trainable.train_trial = real
+        del tune_age.search.trainable._untimed_train_trial
     return s, common.read_timings(timing)
 
 

@@ -86,7 +86,7 @@ def plain_trial(epochs: int) -> dict:
     import torch
 
     from tune_age.config import TrainConfig
-    from tune_age.model import build_model
+    from tune_age.models import build_model
 
     entered = time.time()
     w = _WORKER
@@ -145,15 +145,15 @@ def run_plain(args, data, slots: int, threads: int, channels_last: bool) -> dict
 def run_tune(args, storage, space_file, name: str, slots: int) -> dict:
     import ray
 
-    import tune_age.trainable
+    import tune_age.search.trainable
     from tune_age.config import DataConfig, SearchConfig
     from tune_age.search import run_search, start_ray
 
     search = SearchConfig(space=str(space_file), num_samples=args.trials, max_epochs=args.epochs,
                           scheduler="fifo", baseline_first=False, storage=str(storage), name=name)
     timing = common.fresh_dir("ta_bench_timing_")
-    real = tune_age.trainable._untimed_train_trial = tune_age.trainable.train_trial
-    tune_age.trainable.train_trial = common.timed_trainable(timing)
+    real = tune_age.search.trainable._untimed_train_trial = tune_age.search.trainable.train_trial
+    tune_age.search.trainable.train_trial = common.timed_trainable(timing)
     try:
         t0 = time.time()
         start_ray(None)
@@ -163,8 +163,8 @@ def run_tune(args, storage, space_file, name: str, slots: int) -> dict:
         ray.shutdown()
         t_end = time.time()
     finally:
-        tune_age.trainable.train_trial = real
-        del tune_age.trainable._untimed_train_trial
+        tune_age.search.trainable.train_trial = real
+        del tune_age.search.trainable._untimed_train_trial
     parts = {"Ray start": t_ray - t0, **phases(common.read_timings(timing), slots, t_ray, t_search),
              "ray.shutdown": t_end - t_search}
     return {"wall": t_end - t0, "parts": parts}

@@ -33,10 +33,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-from tune_age import engine
+from tune_age.training import engine
 from tune_age.config import DataConfig, TrainConfig
 from tune_age.data import load_data
-from tune_age.model import build_model
+from tune_age.models import build_model
 from tune_age.training import start_run
 
 TARGET = 0.95

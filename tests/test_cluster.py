@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tune_age.tracking import FINAL, read_trials
+from tune_age.search.tracking import FINAL, read_trials
 
 from conftest import SMALL_N, run_cli
 

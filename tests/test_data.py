@@ -334,12 +334,12 @@ def test_all_broken_folder_is_an_error(tmp_path):
 def test_no_path_reads_the_synthetic_folder(tmp_path, monkeypatch):
     made = {}
 
-    def ensure_synthetic(n, seed, cache_root):  # stands in for tune_age.synthetic
+    def ensure_synthetic(n, seed, cache_root):  # stands in for tune_age.data.synthetic
         made.update(n=n, seed=seed, cache_root=cache_root)
         return utk_folder(tmp_path / "synthetic", [4, 5, 6, 14, 15, 16])
 
     fake = types.SimpleNamespace(ensure_synthetic=ensure_synthetic)
-    monkeypatch.setitem(sys.modules, "tune_age.synthetic", fake)
+    monkeypatch.setitem(sys.modules, "tune_age.data.synthetic", fake)
     data = load_data(DataConfig(synthetic_n=10, synthetic_seed=3), [16], progress=False)
     assert made == {"n": 10, "seed": 3, "cache_root": tmp_path / "cache"}
     assert data.source.startswith("synthetic faces") and len(data.paths) == 6

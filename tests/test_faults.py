@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tune_age.tracking import read_trials
+from tune_age.search.tracking import read_trials
 
 from conftest import SMALL_N, run_cli
 

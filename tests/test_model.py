@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tune_age import engine
+from tune_age.training import engine
 from tune_age.config import TrainConfig
 from tune_age.errors import ConfigError
-from tune_age.model import build_model, min_image_size
-from tune_age.spaces import seed_baseline
+from tune_age.models import build_model, min_image_size
+from tune_age.search.spaces import seed_baseline
 
 CONFIGS = {
     "default": TrainConfig(),

@@ -25,7 +25,7 @@ def test_wheel_ships_spaces_and_names_resolve_outside_the_checkout(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import tune_age.spaces as s; print(s.__file__); "
+    code = ("import tune_age.search.spaces as s; print(s.__file__); "
             "print(s.load_space('quick').settings['num_samples'], s.seed_baseline().batch_size)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(target)}, timeout=120, check=True).stdout.split()

@@ -27,14 +27,14 @@ from tune_age.cli import main
 from tune_age.config import DataConfig, TrainConfig
 from tune_age.data import load_data
 from tune_age.data.groups import make_groups
-from tune_age.engine import Normalizer, evaluate, predict_logits
+from tune_age.training.engine import Normalizer, evaluate, predict_logits
 from tune_age.errors import ArtifactError, TuneAgeError
-from tune_age.export import best_checkpoint, load_model, payload_sha256
-from tune_age.model import build_model
-from tune_age.predict import evaluate_arrays
-from tune_age.report import param_importance
+from tune_age.results.export import best_checkpoint, load_model, payload_sha256
+from tune_age.models import build_model
+from tune_age.results.predict import evaluate_arrays
+from tune_age.results.report import param_importance
 from tune_age.results import STATUSES, load_experiment, render, trials_table
-from tune_age.tracking import TRIALS_FILE, write_json_atomic
+from tune_age.search.tracking import TRIALS_FILE, write_json_atomic
 
 pytestmark = pytest.mark.slow
 
@@ -440,7 +440,7 @@ class CodeInPickle:
 def test_pickles_carrying_code_are_refused_and_not_run(tmp_path, capsys, search_data):
     marker = tmp_path / "it-ran"
     as_torch = tmp_path / "model.pt"
-    torch.save({"format": "tune_age.export", "model": CodeInPickle(marker)}, as_torch)
+    torch.save({"format": "tune_age.results.export", "model": CodeInPickle(marker)}, as_torch)
     as_pickle = tmp_path / "model.pkl"
     as_pickle.write_bytes(pickle.dumps(CodeInPickle(marker)))
     for bad in (as_torch, as_pickle):

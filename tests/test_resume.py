@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from tune_age.cli import main
-from tune_age.tracking import FINAL, read_trials
+from tune_age.search.tracking import FINAL, read_trials
 
 from conftest import SMALL_N, run_cli
 

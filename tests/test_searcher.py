@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
-from tune_age.searcher import BASELINE_KEY, StudySearch
-from tune_age.spaces import load_space, seed_baseline
+from tune_age.search.searcher import BASELINE_KEY, StudySearch
+from tune_age.search.spaces import load_space, seed_baseline
 
 
 def test_baseline_first_then_space_and_outcomes_recorded_right(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 
 from tune_age.config import TrainConfig
 from tune_age.errors import SpaceError
-from tune_age.model import build_model
-from tune_age.spaces import builtin_names, load_space, parse_space, seed_baseline
+from tune_age.models import build_model
+from tune_age.search.spaces import builtin_names, load_space, parse_space, seed_baseline
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tune_age import synthetic
+from tune_age.data import synthetic
 from tune_age.errors import DataError
-from tune_age.synthetic import draw_face, ensure_synthetic, sample_ages, write_synthetic
+from tune_age.data.synthetic import draw_face, ensure_synthetic, sample_ages, write_synthetic
 
 UTK_NAME = re.compile(r"^(\d+)_([01])_([0-4])_(\d{17})\.jpg\.chip\.jpg$")
 

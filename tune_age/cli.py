@@ -55,7 +55,7 @@ def _data_config(args: argparse.Namespace):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .synthetic import write_synthetic
+    from .data.synthetic import write_synthetic
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -69,8 +69,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig, apply_overrides, load_yaml
     from .data import load_data
-    from .engine import Diverged
-    from .spaces import parse_space
+    from .training.engine import Diverged
+    from .search.spaces import parse_space
     from .training import train
 
     cfg = TrainConfig()
@@ -203,7 +203,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .results.report import write_report
 
     with _quiet_data_logs(args):
         report = write_report(args.exp, args.out, top=args.top, rerun_top_k=args.rerun_top,
@@ -214,7 +214,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_best
+    from .results.export import export_best
 
     result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
                          torchscript=args.torchscript)
@@ -226,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import describe_skipped, prediction_frame, predict
+    from .results.predict import describe_skipped, prediction_frame, predict
 
     with _quiet_data_logs(args):
         rows, skipped = predict(args.model, args.inputs, top=args.top, device=args.device)
@@ -249,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import evaluate, metric_lines
+    from .results.predict import evaluate, metric_lines
 
     with _quiet_data_logs(args):
         metrics = evaluate(args.model, args.data, layout=args.layout, device=args.device)

@@ -192,7 +192,7 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
     groups = make_groups(cfg.bins)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
     if cfg.path is None:
-        from ..synthetic import ensure_synthetic  # lazily: only needed without a dataset
+        from .synthetic import ensure_synthetic  # lazily: only needed without a dataset
 
         path = Path(ensure_synthetic(n=cfg.synthetic_n, seed=cfg.synthetic_seed, cache_root=root))
         fmt, what = "utkface", f"synthetic faces (n={cfg.synthetic_n}, seed={cfg.synthetic_seed})"

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.decode import decode_images
-from .data.sources import list_images, read_manifest
-from .engine import evaluate as engine_evaluate
-from .engine import predict_logits
-from .errors import ConfigError, DataError
+from ..data.decode import decode_images
+from ..data.sources import list_images, read_manifest
+from ..training.engine import evaluate as engine_evaluate
+from ..training.engine import predict_logits
+from ..errors import ConfigError, DataError
 from .export import LoadedModel, load_model
-from .training import as_tensor
+from ..training import as_tensor
 
 
 METRIC_KEYS = ("accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae")

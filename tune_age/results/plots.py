@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .results import FAILED, Experiment, direction, is_baseline
+from . import FAILED, Experiment, direction, is_baseline
 
 DPI = 90
 

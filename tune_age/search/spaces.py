@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, load_yaml, unknown_key_message
-from .errors import ConfigError, SpaceError
-from .model import min_image_size
+from ..config import TrainConfig, load_yaml, unknown_key_message
+from ..errors import ConfigError, SpaceError
+from ..models import min_image_size
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SEARCH_KEYS = {"num_samples": int, "max_epochs": int, "grace_period": int, "reduction_factor": int}
@@ -199,7 +199,7 @@ def builtin_dir() -> Path:
     names work after a non-editable install; an editable install or a checkout
     reads the folder beside the package.
     """
-    source_tree = Path(__file__).resolve().parent.parent / "search_spaces"
+    source_tree = Path(__file__).resolve().parents[2] / "search_spaces"
     if source_tree.is_dir():
         return source_tree
     return Path(str(importlib.resources.files("tune_age"))) / "search_spaces"

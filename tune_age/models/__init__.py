@@ -16,8 +16,8 @@ import logging
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .errors import ConfigError
+from ..config import TrainConfig
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -36,16 +36,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import DataConfig, TrainConfig
-from .errors import ConfigError, TuneAgeError
+from ..config import DataConfig, TrainConfig
+from ..errors import ConfigError, TuneAgeError
 from .export import CheckpointRef, best_checkpoint, best_of, list_checkpoints, load_model
 from .plots import plot_confusion, plot_curves, plot_groups, plot_history, plot_importance, plot_params
 from .predict import METRIC_KEYS, evaluate_arrays
-from .results import (
+from . import (
     Experiment, direction, fmt, fmt_score, hyperparameters, is_baseline, last_error, load_experiment,
     markdown_table, scored_trials, status_counts, trials_table,
 )
-from .search import SPLIT_FILE
+from ..search import SPLIT_FILE
 
 progress = logging.getLogger("tune_age.progress")
 
@@ -165,7 +165,7 @@ def per_group_accuracy(confusion: list[list[int]]) -> list[float | None]:
 
 def load_search_data(exp: Experiment, sizes: list[int | str]):
     """The search's data and split, rebuilt from tune_age.json; (data, None) or (None, why)."""
-    from .data import load_data
+    from ..data import load_data
 
     try:
         data = load_data(DataConfig.from_dict(exp.meta["data"]), sizes, progress=False)
@@ -202,9 +202,9 @@ def rerun_top(exp: Experiment, k: int, seeds: int, data=None) -> dict[str, Any]:
     """Retrains the top k configurations with `seeds` seeds each on the CPU for the search's
     max_epochs; ranks them by the mean of each run's best metric (then the smaller spread).
     Writes and returns `<exp>/rerun.json`."""
-    from .engine import Diverged
-    from .tracking import write_json_atomic
-    from .training import run_epoch, start_run
+    from ..training.engine import Diverged
+    from ..search.tracking import write_json_atomic
+    from ..training import run_epoch, start_run
 
     if k < 1 or seeds < 1:
         raise ConfigError(f"--rerun-top {k} --seeds {seeds}: both must be 1 or more")

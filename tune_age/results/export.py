@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .config import METRICS, TrainConfig
-from .data.groups import AgeGroups, groups_from_dict
-from .engine import Normalizer, resolve_device
-from .errors import ArtifactError, ConfigError, TuneAgeError
-from .model import build_model
-from .results import Experiment, direction, is_baseline, load_experiment, status_counts
-from .training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
+from .. import __version__
+from ..config import METRICS, TrainConfig
+from ..data.groups import AgeGroups, groups_from_dict
+from ..training.engine import Normalizer, resolve_device
+from ..errors import ArtifactError, ConfigError, TuneAgeError
+from ..models import build_model
+from . import Experiment, direction, is_baseline, load_experiment, status_counts
+from ..training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from . import __version__
-from .config import DataConfig, SearchConfig, TrainConfig
-from .data import FaceData, load_data
-from .errors import ConfigError, TuneAgeError
-from .model import min_image_size
+from .. import __version__
+from ..config import DataConfig, SearchConfig, TrainConfig
+from ..data import FaceData, load_data
+from ..errors import ConfigError, TuneAgeError
+from ..models import min_image_size
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
 from .tracking import FINAL, TRIALS_FILE, TrialLog, read_trials, write_json_atomic
@@ -173,7 +173,7 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    from .training import TRIAL_PROCESS_ENV
+    from ..training import TRIAL_PROCESS_ENV
 
     runtime_env = {"env_vars": dict(TRIAL_PROCESS_ENV)}  # Tune adds its own variables to these
     if address:

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from .config import METRICS, TrainConfig
-from .errors import ConfigError, TuneAgeError
-from .search import META_FILE, STUDY_FILE
-from .tracking import FINAL, TRIALS_FILE, UNFINISHED, read_trials
+from ..config import METRICS, TrainConfig
+from ..errors import ConfigError, TuneAgeError
+from ..search import META_FILE, STUDY_FILE
+from ..search.tracking import FINAL, TRIALS_FILE, UNFINISHED, read_trials
 
 FAILED = ("errored", "diverged")
 # What tracking.py and search.py write: ended, still going, cut off by a dead driver, and
@@ -169,7 +169,7 @@ def local_folder(path: str | Path) -> tuple[Path, str | None]:
 
     import pyarrow.fs
 
-    from .data.decode import cache_root
+    from ..data.decode import cache_root
 
     dest = cache_root() / "experiments" / hashlib.sha256(text.encode()).hexdigest()[:16]
     try:

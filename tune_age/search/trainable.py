@@ -19,11 +19,11 @@ import ray
 import torch
 from ray import tune
 
-from .config import METRICS, TrainConfig
-from .data import FaceData
-from .engine import Diverged
+from ..config import METRICS, TrainConfig
+from ..data import FaceData
+from ..training.engine import Diverged
 from .searcher import BASELINE_KEY
-from .training import checkpoint_state, restore_run, run_epoch, start_run
+from ..training import checkpoint_state, restore_run, run_epoch, start_run
 
 CHECKPOINT_FILE = "checkpoint.pt"
 WORST = {name: (0.0 if mode == "max" else 1e9) for name, mode in METRICS.items()}

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from . import engine
-from .config import TrainConfig
-from .data import FaceData
-from .data.groups import AgeGroups
-from .model import build_model
+from ..config import TrainConfig
+from ..data import FaceData
+from ..data.groups import AgeGroups
+from ..models import build_model
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 DIVERGENCE_FACTOR = 100.0  # a mean loss this many times chance level has diverged
