@@ -29,6 +29,7 @@ from ..config import TrainConfig
 from ..data import FaceData
 from ..data.groups import AgeGroups
 from ..models import build_model
+from .selection import best_row
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,21 @@ def keep_freed_memory() -> None:
 
 
 def split_tensors(data: FaceData, image_size: int, device: torch.device) -> dict[str, Any]:
-    """uint8 images, labels and ages per split; on a GPU the whole split moves once."""
+    """uint8 images, labels and ages per split, all three on `device`: the one placement rule.
+
+    On the CPU the images stay in the shared array (a SplitView gathers each batch from it);
+    on any other device a split's images, labels and ages move there once, together, so the
+    engine indexes them all with indices on that device and nothing crosses per batch but
+    the shuffled order.
+    """
     images = as_tensor(data.images[image_size])
     out = {}
     for split in ("train", "val"):
-        idx = torch.as_tensor(data.splits[split], dtype=torch.long)
-        out[f"{split}_x"] = images[idx].to(device) if device.type != "cpu" else SplitView(images, idx)
-        out[f"{split}_y"] = torch.as_tensor(data.labels[data.splits[split]], dtype=torch.long)
-        out[f"{split}_age"] = torch.as_tensor(data.ages[data.splits[split]], dtype=torch.float32)
+        rows = data.splits[split]
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out[f"{split}_x"] = SplitView(images, idx) if device.type == "cpu" else images[idx].to(device)
+        out[f"{split}_y"] = torch.as_tensor(data.labels[rows], dtype=torch.long).to(device)
+        out[f"{split}_age"] = torch.as_tensor(data.ages[rows], dtype=torch.float32).to(device)
     return out
 
 
@@ -194,7 +202,11 @@ def checkpoint_state(run: Run, metrics: dict[str, Any] | None = None) -> dict[st
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "scaler": run.scaler.state_dict(),
-        "rng": run.generator.get_state(),
+        "rng": run.generator.get_state(),  # augmentation and the shuffled order
+        # dropout draws from torch's global generators: without them a resumed run would
+        # not retrain the epochs it repeats the way they first ran
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
         "config": run.cfg.to_dict(),
         "groups": run.groups.to_dict(),
         "norm": {"mean": run.mean, "std": run.std},
@@ -215,6 +227,10 @@ def restore_run(run: Run, state: dict[str, Any]) -> None:
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.generator.set_state(state["rng"])
+    if state.get("torch_rng") is not None:
+        torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), run.device)
     run.epoch = int(state["epoch"])
     run.history = list(state.get("history", []))
 
@@ -245,7 +261,7 @@ def train(
 ) -> dict[str, Any]:
     """`tune-age train`: runs cfg.epochs epochs, saving checkpoint.pt and best.pt in out_dir.
 
-    Returns the metrics of the best epoch (by val_acc).
+    Returns the metrics of the best epoch (by val_acc, ties as training.selection decides).
     """
     out_dir = Path(out_dir)
     run = start_run(cfg, data)
@@ -254,7 +270,7 @@ def train(
         metrics = run_epoch(run)
         state = checkpoint_state(run, metrics)
         save_atomic(state, out_dir / "checkpoint.pt")
-        if best is None or metrics["val_acc"] > best["val_acc"]:
+        if best is None or best_row([best, metrics], "val_acc") is metrics:
             best = metrics
             save_atomic(state, out_dir / "best.pt")
         if on_epoch:

@@ -140,12 +140,43 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, epochs: 
     return SCHEDULES[cfg.schedule](cfg, optimizer, epochs)
 
 
-def build_loss(cfg: TrainConfig, class_counts: torch.Tensor | None = None) -> nn.Module:
-    weight = None
-    if cfg.class_weighting and class_counts is not None:
-        counts = class_counts.float().clamp(min=1)
-        weight = counts.sum() / (len(counts) * counts)  # inverse frequency, mean about 1
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+class AgeLoss(nn.Module):
+    """Cross-entropy over the age groups, with optional label smoothing and class weights.
+
+    Only groups that have training images count: label smoothing spreads its mass over
+    them alone, and with `class_weighting` each image weighs N / (K * n_group) for the K
+    groups present (groups with no image get no weight at all). Each image's smoothed loss is
+    multiplied by its own group's weight, and the batch loss is the weighted mean. PyTorch's
+    CrossEntropyLoss(weight=..., label_smoothing=...) instead weights the smoothing term
+    per target class, so a rare or empty group's large weight enters every image's loss and
+    a model can learn to predict a group that has no training image at all.
+    """
+
+    def __init__(self, class_counts: torch.Tensor, weighting: bool = False, smoothing: float = 0.0):
+        super().__init__()
+        counts = torch.as_tensor(class_counts, dtype=torch.float32)
+        present = counts > 0
+        if not present.any():
+            raise ValueError("no group has a training image")
+        k = present.sum()
+        weight = torch.where(present, counts.sum() / (k * counts.clamp(min=1)), torch.zeros_like(counts))
+        self.register_buffer("weight", weight if weighting else present.float())
+        self.register_buffer("present", present.float())
+        self.smoothing = float(smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=1)
+        loss = -logp.gather(1, target[:, None])[:, 0]
+        if self.smoothing > 0:
+            uniform = -(logp * self.present).sum(1) / self.present.sum()
+            loss = (1 - self.smoothing) * loss + self.smoothing * uniform
+        w = self.weight[target]
+        return (loss * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def build_loss(cfg: TrainConfig, class_counts: torch.Tensor) -> nn.Module:
+    """The training loss for the train split's per-group image counts (see AgeLoss)."""
+    return AgeLoss(class_counts, weighting=cfg.class_weighting, smoothing=cfg.label_smoothing)
 
 
 def autocast_for(device: torch.device, enabled: bool):
@@ -184,6 +215,9 @@ def train_one_epoch(
     loss is not finite.
     """
     device = next(model.parameters()).device
+    if images.device != labels.device:
+        raise ValueError(f"images on {images.device} but labels on {labels.device}: a split's tensors "
+                         "must share one device (training.split_tensors places them)")
     model.train()
     n = len(labels)
     order = torch.randperm(n, generator=generator).to(images.device)
