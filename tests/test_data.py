@@ -270,8 +270,9 @@ def test_stratified_split_shares_and_seeds():
 def test_load_data_end_to_end_is_order_independent_and_normalizes_on_train(tmp_path):
     rng = np.random.default_rng(0)
     rows = []
+    levels = rng.choice(256, size=30, replace=False)  # distinct: equal images would be duplicates
     for i in range(30):
-        level = int(rng.integers(0, 256))  # each image one gray level: train mean != overall mean
+        level = int(levels[i])  # each image one gray level: train mean != overall mean
         save(tmp_path / "img" / f"{i:02d}.png", (level, level, 255 - level))
         rows.append(f"img/{i:02d}.png,{15 + 20 * (i % 2)}")
     save(tmp_path / "img" / "zz_broken.png").write_bytes(b"garbage")
@@ -326,7 +327,7 @@ def test_all_broken_folder_is_an_error(tmp_path):
     root = tmp_path / "utk"
     root.mkdir()
     for name in ("20_0_0_a.jpg", "30_0_0_b.jpg"):
-        (root / name).write_text("not an image")
+        (root / name).write_text(f"not an image: {name}")  # different bytes, else duplicates
     with pytest.raises(DataError, match=r"none of the 2 images could be decoded"):
         load_data(DataConfig(path=str(root)), [16], progress=False)
 

@@ -45,13 +45,16 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="age groups: decades, adience, fairface, or edges such as 0,13,20,40,60")
     p.add_argument("--synthetic-n", type=int, default=3000, help="built-in faces to draw without --data")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    p.add_argument("--dedupe", default="exact", choices=("exact", "near", "off"),
+                   help="duplicates to drop before the split: exact (the same file or bytes), near "
+                   "(also copies with a near-equal perceptual hash) or off")
 
 
 def _data_config(args: argparse.Namespace):
     from .config import DataConfig
 
     return DataConfig(path=args.data, format=args.format, bins=args.bins,
-                      synthetic_n=args.synthetic_n, split_seed=args.split_seed)
+                      synthetic_n=args.synthetic_n, split_seed=args.split_seed, dedupe=args.dedupe)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -206,9 +206,10 @@ class DataConfig(_Config):
     synthetic_n: int = 3000  # images drawn when path is None
     synthetic_seed: int = 0
     square: str = "crop"  # crop: center crop; pad: pad the short side
+    dedupe: str = "exact"  # exact: same file or bytes; near: also a perceptual hash; off
     cache_dir: Union[str, None] = None  # default: ~/.cache/tune_age
 
-    _choices = {"format": FORMATS, "square": ("crop", "pad")}
+    _choices = {"format": FORMATS, "square": ("crop", "pad"), "dedupe": ("exact", "near", "off")}
     _ranges = {
         "val_fraction": (0.01, 0.9),
         "test_fraction": (0.0, 0.9),

@@ -34,6 +34,7 @@ from .decode import (
     header_sizes,
     square_size,
 )
+from .duplicates import FINDERS
 from .groups import AgeGroups, make_groups
 from .sources import detect_format, read_manifest, require_two_groups
 
@@ -58,6 +59,7 @@ class FaceData:
     skipped: list[tuple[str, str]]  # everything skipped, with a reason
     source: str  # for people: "utkface folder /x (3000 images)"
     sizes_seen: dict[tuple[int, int], int] = field(default_factory=dict)  # (w, h) -> count
+    unevaluated: list[str] = field(default_factory=list)  # groups with no val image (too few)
 
     def resolve_size(self, size: int | str) -> int:
         """A pixel count for an image_size setting; "native" is the images' own square size."""
@@ -187,6 +189,45 @@ def _decode_all(
     return images, usable, list(failed.items())
 
 
+def _drop(table: pd.DataFrame, keep: np.ndarray, dropped: list[tuple[str, str]],
+          skipped: list[tuple[str, str]], path: Path) -> pd.DataFrame:
+    """The rows of `table` to keep; the dropped ones are added to `skipped` and logged."""
+    if keep.all():
+        return table
+    skipped.extend(dropped)
+    conflicts = sum("labels disagree" in why for _, why in dropped)
+    first = "; ".join(f"{Path(p).name}: {why}" for p, why in dropped[:3])
+    log.warning("%s: %d duplicate image(s) left out, %d of them because the copies' labels "
+                "disagree (first: %s)", path, len(dropped), conflicts, first)
+    return table[keep].reset_index(drop=True)
+
+
+def _check_evaluable(labels: np.ndarray, splits: dict[str, np.ndarray], groups: AgeGroups,
+                     path: Path) -> list[str]:
+    """The groups the validation split cannot hold (fewer than 3 images); a DataError when
+    it would hold a single group, on which always predicting that group scores 1.0."""
+    counts = np.bincount(labels, minlength=len(groups))
+    in_val = set(np.unique(labels[splits["val"]]).tolist())
+    small = [i for i in np.flatnonzero(counts) if i not in in_val]
+    named = ", ".join(f"{groups.names[i]} ({counts[i]} image{'s' if counts[i] != 1 else ''})" for i in small)
+    if not in_val:
+        raise DataError(
+            f"{path}: no age group has the 3 images needed to put one in train and one in val "
+            f"({len(labels)} images in all); add images or use wider bins"
+        )
+    if len(in_val) < 2:
+        only = ", ".join(groups.names[i] for i in sorted(in_val)) or "none"
+        raise DataError(
+            f"{path}: the validation split would hold only one age group ({only}), where always "
+            f"predicting it scores 1.0; {named or 'the other groups'} have fewer than the 3 images "
+            "a group needs to reach it; add images or use wider bins (--bins)"
+        )
+    if small:
+        log.warning("%s: age groups %s have fewer than 3 images: they are in the train split only "
+                    "and no score covers them", path, named)
+    return [groups.names[i] for i in small]
+
+
 def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool = True) -> FaceData:
     """Reads, decodes (at each of image_sizes; "native" allowed), splits and measures the data."""
     groups = make_groups(cfg.bins)
@@ -220,15 +261,16 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
     if failed:
         _warn_skipped(failed, len(paths))
     table = table[usable].reset_index(drop=True)
+    # After decoding, so that copies of a broken file are reported as broken, not as copies.
+    for find in FINDERS[cfg.dedupe]:
+        keep, dropped = find(table, groups, images[min(sizes)])
+        table = _drop(table, keep, dropped, skipped, path)
+        images = {s: a[keep] for s, a in images.items()} if not keep.all() else images
     labels = table["group"].to_numpy(np.int64)
-    require_two_groups(labels, groups, f"{path} (after leaving out undecodable images)")
+    require_two_groups(labels, groups, f"{path} (after leaving out undecodable and duplicate images)")
 
     splits = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    if len(splits["val"]) == 0:
-        raise DataError(
-            f"{path}: no age group has the 3 images needed to put one in train and one in val "
-            f"({len(labels)} images in all); add images or use wider bins"
-        )
+    unevaluated = _check_evaluable(labels, splits, groups, path)
     mean, std = channel_stats(images[max(sizes)], splits["train"])
     data = FaceData(
         images=images,
@@ -244,6 +286,7 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
         skipped=skipped + failed,
         source=f"{what} {path} ({len(table)} images)",
         sizes_seen=dict(sizes_seen),
+        unevaluated=unevaluated,
     )
     log.info("%s: train %d, val %d, test %d", data.source,
              *(len(splits[name]) for name in SPLITS))

@@ -1,8 +1,9 @@
 """Decoding image files once into one uint8 array (N x 3 x S x S), with an on-disk cache.
 
 Every image is opened with PIL, rotated by its EXIF orientation, converted to RGB from
-whatever mode it has (grayscale, alpha, palette, CMYK, 16-bit), made square (center crop,
-or black padding) and resized to S x S. Files that cannot be decoded (truncated, empty,
+whatever mode it has (grayscale, alpha, palette, CMYK, 16-bit), then made square (center
+crop, or black padding) and resized to S x S by `preprocess.square_resize`, which exported
+models run too. Files that cannot be decoded (truncated, empty,
 not an image) are skipped and reported, never fatal. Decoding runs on a thread pool
 (PIL releases the GIL while decoding and resizing).
 
@@ -16,6 +17,7 @@ mode and DECODE_VERSION, so a second call with unchanged files loads instead of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,19 +30,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from .preprocess import SQUARE_MODES, square_resize
 
 log = logging.getLogger(__name__)
 
-DECODE_VERSION = 1  # bump whenever decoding changes what pixels come out, to retire old caches
-SQUARE_MODES = ("crop", "pad")
-# Bicubic is antialiased in Pillow when shrinking; reducing_gap first shrinks by an integer
-# factor with a box filter, which is much faster on large photos and visually the same.
-RESAMPLE = Image.Resampling.BICUBIC
-REDUCING_GAP = 3.0
+# Bump whenever decoding changes what pixels come out, to retire old caches. 2: the square
+# crop or pad and the resize are preprocess.square_resize, the one definition exports use too.
+DECODE_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -68,13 +69,10 @@ def decode_one(path: str, size: int, square: str = "crop") -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise ValueError("empty file (0 bytes)")
     with Image.open(path) as im:
-        if im.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale; it keeps both sides >= size.
-            im.draft("RGB", (size, size))
         im.load()  # decode now, so that a truncated file fails here and not halfway through
-        im = ImageOps.exif_transpose(im)
-        im = _square_resize(_to_rgb(im), size, square)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        im = _to_rgb(ImageOps.exif_transpose(im))
+        pixels = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
+    return square_resize(pixels, size, square)[0].to(torch.uint8).numpy()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -104,23 +102,6 @@ def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
     else:  # "I": 32-bit container, usually 16-bit PNG/TIFF data, sometimes 8-bit data
         full = 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
     return np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
-
-
-def _square_resize(im: Image.Image, size: int, square: str) -> Image.Image:
-    w, h = im.size
-    if square == "crop":
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        box = (left, top, left + side, top + side)
-        return im.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
-    scale = size / max(w, h)
-    inner = (max(1, round(w * scale)), max(1, round(h * scale)))
-    canvas = Image.new("RGB", (size, size))  # black
-    canvas.paste(
-        im.resize(inner, RESAMPLE, reducing_gap=REDUCING_GAP),
-        ((size - inner[0]) // 2, (size - inner[1]) // 2),
-    )
-    return canvas
 
 
 # --- native size ---------------------------------------------------------------------------
@@ -215,7 +196,10 @@ def decode_images(
             reasons[i] = why if isinstance(exc, ValueError) else f"{type(exc).__name__}: {why}"
 
     # tqdm's disable=None hides the bar when stderr is not a terminal (Ray workers, CI logs).
-    with ThreadPoolExecutor(_workers(workers, n)) as pool, tqdm(
+    # The pool's threads run one resize each: torch's own threads would only compete with them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with _restore_threads(threads), ThreadPoolExecutor(_workers(workers, n)) as pool, tqdm(
         total=n, desc=f"decoding {size}px", unit="img", file=sys.stderr,
         disable=None if progress else True, leave=False,
     ) as bar:
@@ -233,6 +217,14 @@ def decode_images(
     log.info("decoded %d images at %dpx, %d skipped", len(kept), size, len(skipped))
     _save_cache(cache_file, out, kept, skipped)
     return out, kept, skipped
+
+
+@contextlib.contextmanager
+def _restore_threads(threads: int):
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _load_cache(file: Path, n: int, size: int):

@@ -271,6 +271,8 @@ def detect_format(path: str | Path, groups: AgeGroups) -> str:
 
 def require_two_groups(labels: np.ndarray, groups: AgeGroups, where: str) -> None:
     present = np.unique(labels)
+    if len(labels) == 0:
+        raise DataError(f"{where}: no images left")
     if len(present) < 2:
         names = ", ".join(groups.names[i] for i in present) or "none"
         raise DataError(
