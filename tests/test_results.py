@@ -320,6 +320,17 @@ def test_export_never_overwrites_without_force(small_search, exported, capsys):
     assert load_model(copy).kind == "export"
 
 
+def test_the_best_model_never_comes_from_a_failed_trial(tmp_path, capsys):
+    exp = fake_experiment(tmp_path / "exp", {
+        "aaaa": {"status": "diverged", "checkpoints": {1: {"val_acc": 0.9, "val_loss": 0.5}}},
+        "bbbb": {"status": "errored", "checkpoints": {1: {"val_acc": 0.8, "val_loss": 0.5}}},
+        "cccc": {"status": "completed", "checkpoints": {3: {"val_acc": 0.4, "val_loss": 1.0}}},
+    })
+    code, stdout, _ = run(capsys, "export", exp, "--out", tmp_path / "best.pt")
+    assert code == 0 and "trial cccc, epoch 3" in stdout
+    assert load_experiment(exp).best_trial()["trial_id"] == "cccc"
+
+
 def test_export_without_a_completed_trial(tmp_path, capsys):
     exp = fake_experiment(tmp_path / "failed", {"aaaa": {"status": "errored"},
                                                 "bbbb": {"status": "diverged"}})

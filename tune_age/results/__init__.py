@@ -73,13 +73,14 @@ class Experiment:
         return self.path / STUDY_FILE
 
     def best_trial(self, include_baseline: bool = True) -> dict[str, Any] | None:
+        """The trial of the best model (see export.best_checkpoint): failed trials left out,
+        ranked by their best epoch's training.selection score."""
         scored = [
             t for t in self.trials.values()
             if t["best"] is not None and t["status"] not in FAILED
             and (include_baseline or not is_baseline(t))
         ]
-        sign = direction(self.metric)
-        return max(scored, key=lambda t: sign * t["best"]) if scored else None
+        return max(scored, key=lambda t: trial_score(self, t)) if scored else None
 
     def baseline_trial(self) -> dict[str, Any] | None:
         return next((t for t in self.trials.values() if is_baseline(t)), None)
@@ -131,6 +132,13 @@ class Experiment:
             if isinstance(row, dict):
                 by_epoch[int(row.get("epoch", row.get("training_iteration", len(by_epoch) + 1)))] = row
         return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def trial_score(exp: Experiment, entry: dict[str, Any]) -> float:
+    """The selection score of a trial's best epoch; from its value alone in older trial logs."""
+    if entry.get("best_score") is not None:
+        return entry["best_score"]
+    return direction(exp.metric) * entry["best"] if entry.get("best") is not None else -math.inf
 
 
 def is_baseline(entry: dict[str, Any]) -> bool:
@@ -254,7 +262,12 @@ def trials_table(
     if status:
         frame = frame[frame["status"].isin(status)]
     key = sort or metric
-    if key in METRICS:
+    if key == metric:
+        # Best first by the one rule (ties to the lower val_loss), unscored trials last.
+        scores = [trial_score(exp, t) if t["best"] is not None else -math.inf for t in exp.trials.values()]
+        order = pd.Series(scores, index=range(len(scores))).loc[frame.index]
+        frame = frame.loc[order.sort_values(ascending=False, kind="stable").index]
+    elif key in METRICS:
         # Best first; trials without a score last, whatever the direction.
         frame = frame.sort_values(f"best_{key}", ascending=METRICS[key] == "min", na_position="last",
                                   kind="stable")
@@ -459,10 +472,12 @@ def summary_lines(exp: Experiment) -> list[str]:
     metric = exp.metric
     lines = []
     lines.append(f"trials: {len(exp.trials)} ({status_counts(exp)})")
-    best = exp.best_trial(include_baseline=False)
+    best = exp.best_trial()  # the model `tune-age export` writes, the seed baseline included
     base = exp.baseline_trial()
     if best:
-        lines.append(f"best {metric}: {best['best']:.4f} (trial {best['trial_id']}, epoch {best['best_epoch']})")
+        which = " (the seed baseline: no searched configuration beat it)" if is_baseline(best) else ""
+        lines.append(f"best {metric}: {best['best']:.4f} (trial {best['trial_id']}, epoch "
+                     f"{best['best_epoch']}){which}")
         shown = {k: v for k, v in best["config"].items() if not k.startswith("_")}
         lines.append("best configuration: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
     else:

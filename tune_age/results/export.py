@@ -17,8 +17,9 @@ epoch of any trial, not the last epoch of the best trial. The file is a plain di
 edited or damaged export is refused. It is written to a temporary file and renamed
 into place, and never replaces an existing file unless asked to. `--torchscript` adds
 `<name>.torchscript.pt`: the network with its preprocessing (uint8 or [0, 1] float
-N x 3 x H x W in, resized to the model's size, probabilities out), which needs only
-torch: `torch.jit.load(path)(images)`.
+N x 3 x H x W in, made square and resized by the same `preprocess.square_resize` that
+training's decoding uses, probabilities out), which needs only torch:
+`torch.jit.load(path)(images)`.
 """
 
 from __future__ import annotations
@@ -38,17 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
 from ..config import METRICS, TrainConfig
 from ..data.groups import AgeGroups, groups_from_dict
+from ..data.preprocess import square_resize
 from ..training.engine import Normalizer, resolve_device
 from ..errors import ArtifactError, ConfigError, TuneAgeError
 from ..models import build_model
-from . import Experiment, direction, is_baseline, load_experiment, status_counts
+from . import FAILED, Experiment, is_baseline, load_experiment, status_counts
 from ..training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
+from ..training.selection import selection_score
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +108,16 @@ def list_checkpoints(exp: Experiment) -> list[CheckpointRef]:
 
 
 def best_checkpoint(exp: Experiment, metric: str | None = None) -> CheckpointRef:
-    """The checkpoint with the best `metric` (default: the search's) over all epochs kept of
-    all trials; ties go to the lower val_loss. Raises TuneAgeError when there is none."""
+    """The best model of a search: the checkpoint with the best `metric` (default: the
+    search's) over all epochs kept of every trial that did not fail (errored and diverged
+    trials are left out; the seed baseline counts), ties as training.selection decides.
+    `tune-age export`, the report and the end-of-search summary all mean this one.
+    Raises TuneAgeError when there is none."""
     metric = metric or exp.metric
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not valid; choose one of {', '.join(METRICS)}")
-    best = best_of(list_checkpoints(exp), metric)
+    failed = {t["trial_id"] for t in exp.trials.values() if t["status"] in FAILED}
+    best = best_of([r for r in list_checkpoints(exp) if r.trial_id not in failed], metric)
     if best is None:
         raise TuneAgeError(
             f"{exp.path}: no completed trial has a checkpoint with a {metric} score "
@@ -121,16 +127,12 @@ def best_checkpoint(exp: Experiment, metric: str | None = None) -> CheckpointRef
 
 
 def best_of(refs: list[CheckpointRef], metric: str) -> CheckpointRef | None:
-    """The checkpoint among `refs` with the best `metric`, ties to the lower val_loss;
-    None when none of them stores that metric."""
-    sign = direction(metric)
-    scored = [r for r in refs if r.value(metric) is not None]
-
-    def key(r: CheckpointRef) -> tuple[float, float]:
-        loss = r.value("val_loss")
-        return sign * r.value(metric), -(loss if loss is not None else math.inf)
-
-    return max(scored, key=key, default=None)
+    """The checkpoint among `refs` that training.selection ranks first by `metric` (an exact
+    tie goes to the later epoch); None when none of them stores that metric."""
+    scored = [(selection_score({**r.metrics, "epoch": r.epoch}, metric), r.epoch, i)
+              for i, r in enumerate(refs)]
+    scored = [s for s in scored if s[0] is not None]
+    return refs[max(scored)[2]] if scored else None
 
 
 # --- hashing ---------------------------------------------------------------------------------
@@ -303,15 +305,17 @@ class ExportResult:
 def better_epoch_not_kept(exp: Experiment, ref: CheckpointRef, metric: str) -> str | None:
     """Ray keeps each trial's best checkpoints by the search metric; chosen by another
     metric, the best epoch in result.json may have no checkpoint left. Says which."""
-    sign = direction(metric)
-    best = (sign * ref.value(metric), "", 0)
+    chosen = selection_score(ref.metrics, metric)
+    best = (chosen, "", 0, None)
     for entry in exp.trials.values():
+        if entry["status"] in FAILED:
+            continue
         for row in exp.history(entry):
-            value = row.get(metric)
-            if isinstance(value, (int, float)) and math.isfinite(value) and not row.get("diverged"):
-                best = max(best, (sign * value, entry["trial_id"], int(row.get("epoch", 0))))
-    if best[1] and best[0] > sign * ref.value(metric) + 1e-12:
-        return (f"trial {best[1]} epoch {best[2]} reported {metric} {sign * best[0]:.4f}, but Ray "
+            score = selection_score(row, metric)
+            if score is not None and score > best[0]:
+                best = (score, entry["trial_id"], int(row.get("epoch", 0)), row[metric])
+    if best[1]:
+        return (f"trial {best[1]} epoch {best[2]} reported {metric} {best[3]:.4f}, but Ray "
                 f"kept no checkpoint of it (it keeps the best by {exp.metric})")
     return None
 
@@ -376,31 +380,35 @@ def export_best(
 
 
 class Packaged(nn.Module):
-    """The network with its preprocessing: images in (uint8 0-255, or float 0-1), any size
-    (resized bilinearly to the model's), probabilities per age group out."""
+    """The network with its preprocessing: RGB images in (uint8 0-255, or float 0-1), any
+    H x W, made square and resized by preprocess.square_resize exactly as training decoded
+    them (`square`: crop or pad), probabilities per age group out."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], image_size: int):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], image_size: int,
+                 square: str = "crop"):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.image_size = image_size
+        self.square = square
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=[self.image_size, self.image_size], mode="bilinear",
-                              align_corners=False, antialias=True)
+        # Float input is taken back to whole 0-255 values, as the uint8 it was decoded from.
+        x = images.float() if images.dtype == torch.uint8 else (images.float() * 255.0).round()
+        x = square_resize(x, self.image_size, self.square) / 255.0
         return torch.softmax(self.model((x - self.mean) / self.std), dim=1)
 
 
 def _write_torchscript(loaded: LoadedModel, out: Path) -> Path:
-    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size).eval()
+    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square).eval()
     meta = {
         "format": TORCHSCRIPT_FORMAT,
         "groups": loaded.groups.to_dict(),
         "image_size": loaded.image_size,
-        "input": "uint8 0-255 or float 0-1, N x 3 x H x W, RGB; resized to image_size",
+        "input": "uint8 0-255 or float 0-1, N x 3 x H x W, RGB; made square (square) and resized "
+                 "to image_size as in training",
+        "square": loaded.square,
         "output": "probabilities, N x len(groups)",
         "export_sha256": loaded.sha256,
     }

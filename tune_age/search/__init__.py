@@ -26,6 +26,7 @@ from ..config import DataConfig, SearchConfig, TrainConfig
 from ..data import FaceData, load_data
 from ..errors import ConfigError, TuneAgeError
 from ..models import min_image_size
+from ..training.selection import SCORE_KEY
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
 from .tracking import FINAL, TRIALS_FILE, TrialLog, read_trials, write_json_atomic
@@ -280,7 +281,7 @@ def run_search(
     if not search.resume:
         write_meta(plan, search, data_cfg, data)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs),
+        tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric),
         {"cpu": cpus, "gpu": gpus},
     )
     # with_parameters has put the data into Ray's object store, where every trial on this
@@ -291,7 +292,7 @@ def run_search(
         name=plan.name,
         storage_path=str(plan.exp_dir.parent),
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=2, checkpoint_score_attribute=search.metric, checkpoint_score_order=search.mode
+            num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
         ),
         failure_config=tune.FailureConfig(max_failures=search.max_failures),
         callbacks=callbacks,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+
+from ..training.selection import selection_score
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger("tune_age.progress")  # the CLI prints these lines as they are
@@ -99,6 +100,8 @@ class TrialLog(tune.Callback):
                 "epochs": 0,
                 "best": None,
                 "best_epoch": None,
+                "best_score": None,  # training.selection's score of the best epoch
+                "scores": [],
                 "last": None,
                 "attempts": 1,
                 "starts": 0,  # how often a worker began (or resumed) this trial
@@ -108,9 +111,6 @@ class TrialLog(tune.Callback):
             },
         )
         return entry
-
-    def _better(self, a: float, b: float | None) -> bool:
-        return b is None or (a > b if self.mode == "max" else a < b)
 
     def _save(self) -> None:
         write_json_atomic(self.path, self.trials)
@@ -130,9 +130,15 @@ class TrialLog(tune.Callback):
         entry["last"] = {k: keep[k] for k in keep if k.startswith(("val_", "train_")) or k in (
             "epoch", "images_per_sec", "node_id", "device", "gpu_ids", "diverged", "error", "baseline")}
         entry["epochs"] = int(result.get("epoch", entry["epochs"]))
-        if value is not None and math.isfinite(value) and not result.get("diverged"):
-            if self._better(value, entry["best"]):
-                entry["best"], entry["best_epoch"] = value, entry["epochs"]
+        # A restored trial reports again from the epoch after its checkpoint: what it had
+        # reported from there on was lost with the run that reported it.
+        scores = [s for s in entry.get("scores", []) if s[0] < entry["epochs"]]
+        score = selection_score(result, self.metric)
+        if score is not None:
+            scores.append([entry["epochs"], value, score])
+        entry["scores"] = scores  # [epoch, metric, selection score] of every surviving epoch
+        best = max(reversed(scores), key=lambda s: s[2], default=None)  # ties: the later epoch
+        entry["best_epoch"], entry["best"], entry["best_score"] = best if best else (None, None, None)
         self._save()
         if progress.isEnabledFor(logging.INFO):
             best = [e for e in self.trials.values() if e["best"] is not None]

@@ -24,6 +24,7 @@ from ..data import FaceData
 from ..training.engine import Diverged
 from .searcher import BASELINE_KEY
 from ..training import checkpoint_state, restore_run, run_epoch, start_run
+from ..training.selection import SCORE_KEY, selection_score
 
 CHECKPOINT_FILE = "checkpoint.pt"
 WORST = {name: (0.0 if mode == "max" else 1e9) for name, mode in METRICS.items()}
@@ -53,7 +54,7 @@ def _maybe_crash(epoch: int) -> None:
         raise RuntimeError(f"injected crash at epoch {epoch}")
 
 
-def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int) -> None:
+def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric: str = "val_acc") -> None:
     cfg = trial_config(config, max_epochs)
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
@@ -82,7 +83,9 @@ def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int) -> None
             return
         with tempfile.TemporaryDirectory() as folder:
             torch.save(checkpoint_state(run, metrics), Path(folder) / CHECKPOINT_FILE)
+            # Ray keeps each trial's checkpoints by this score: the epochs the tie rule names
             tune.report(
-                {**_reported(metrics), **info, "diverged": False},
+                {**_reported(metrics), **info, "diverged": False,
+                 SCORE_KEY: selection_score(metrics, metric)},
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
