@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     def fresh(fmt):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, len(data.groups), size).to(memory_format=fmt)
-        opt = engine.build_optimizer(cfg, model.parameters())
+        opt = engine.build_optimizer(cfg, model)
         return model, opt
 
     plain_model, plain_opt = fresh(layout)

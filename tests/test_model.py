@@ -54,7 +54,7 @@ def test_engine_overfits_a_tiny_batch():
     labels = torch.arange(24) % 4
     model = build_model(cfg, 4, 32)
     norm = engine.Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"))
-    opt = engine.build_optimizer(cfg, model.parameters())
+    opt = engine.build_optimizer(cfg, model)
     loss_fn = engine.build_loss(cfg, torch.bincount(labels, minlength=4))
     first = engine.train_one_epoch(model, images, labels, opt, loss_fn, batch_size=8, norm=norm)
     for _ in range(40):

@@ -74,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_data
     from .training.engine import Diverged
     from .search.spaces import parse_space
+    from .models.weights import pretrained_state
     from .training import train
 
     cfg = TrainConfig()
@@ -86,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or time.strftime("runs/train-%Y%m%d-%H%M%S"))
     if (out / "checkpoint.pt").exists() and not args.force:
         raise TuneAgeError(f"{out} already holds a checkpoint; choose another --out or add --force")
+    weights = pretrained_state(cfg.arch, args.weights_dir) if cfg.pretrained else None
     data = load_data(_data_config(args), [cfg.image_size])
     out.mkdir(parents=True, exist_ok=True)
     data.split_table().to_csv(out / "split.csv", index=False)
@@ -98,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"val_f1 {m['val_f1']:.4f}  {m['images_per_sec']:.0f} img/s", flush=True)
 
     try:
-        best = train(cfg, data, out, on_epoch=show)
+        best = train(cfg, data, out, on_epoch=show, weights=weights)
     except Diverged as exc:
         raise TuneAgeError(f"{exc}; checkpoints of the epochs before are in {out}") from None
     print(f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}; saved {out / 'best.pt'}")
@@ -116,7 +118,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         max_concurrent=args.max_concurrent, address=args.address, storage=args.storage,
         time_budget_min=args.time_budget, name=args.name or time.strftime("search-%Y%m%d-%H%M%S"),
         resume=args.resume, seed=args.seed, scheduler=args.scheduler, searcher=args.searcher,
-        baseline_first=not args.no_baseline, max_failures=args.max_failures,
+        baseline_first=not args.no_baseline, max_failures=args.max_failures, weights_dir=args.weights_dir,
     )
     exp_dir, _ = experiment_dir(search)
     try:
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: TrainConfig's defaults)")
     p.add_argument("--out", help="output folder (default: runs/train-TIMESTAMP)")
     p.add_argument("--force", action="store_true", help="overwrite checkpoints in --out")
+    p.add_argument("--weights-dir", help="a folder of pretrained weight files (default: "
+                   "$TUNE_AGE_WEIGHTS, then torchvision's cache $TORCH_HOME/hub/checkpoints)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig overrides, e.g. lr=0.01")
     p.set_defaults(func=cmd_train)
 
@@ -377,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--searcher", default="tpe", help="tpe (Optuna) or random")
     p.add_argument("--no-baseline", action="store_true", help="don't evaluate the seed baseline first")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial")
+    p.add_argument("--weights-dir", help="a folder of pretrained weight files (default: "
+                   "$TUNE_AGE_WEIGHTS, then torchvision's cache $TORCH_HOME/hub/checkpoints)")
     p.set_defaults(func=cmd_search)
     _add_results_commands(sub)
     return parser

@@ -11,6 +11,7 @@ unknown keys fail with the key's name and the valid ones:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import yaml
 
 from .errors import ConfigError
 
-ARCHS = ("cnn", "resnet18", "mobilenet_v3_small")
+ARCHS = ("cnn", "resnet18", "resnet34", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+         "face_resnet")  # models/backbones.py builds each
+FREEZE = ("none", "head_only")  # or a number of stages
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 POOLS = ("max", "avg")
@@ -38,6 +41,9 @@ METRICS = {  # name -> mode
     "val_loss": "min",
     "val_mae": "min",
 }
+
+
+_VALUE_ALONE = contextvars.ContextVar("value_alone", default=False)  # set by check_value
 
 
 class _Config:
@@ -66,9 +72,24 @@ class _Config:
                 hi = "inf" if high is None else high
                 raise ConfigError(f"{name}={value!r} is out of range; valid: {lo} to {hi}")
         self._check()
+        if not _VALUE_ALONE.get():
+            self._check_combination()
 
     def _check(self) -> None:
+        """Checks of single values beyond type, choices and range; subclasses override."""
+
+    def _check_combination(self) -> None:
         """Checks that involve several fields; subclasses override."""
+
+    @classmethod
+    def check_value(cls, name: str, value: Any) -> None:
+        """Validates one field's value on its own (a search space's bound or choice): type,
+        choices, range and single-value rules, but not how it combines with other fields."""
+        token = _VALUE_ALONE.set(True)
+        try:
+            cls.from_dict({name: value})
+        finally:
+            _VALUE_ALONE.reset(token)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -132,7 +153,10 @@ class TrainConfig(_Config):
     fc_layers: int = 2
     fc_width: int = 128
     dropout: float = 0.2
-    pretrained: bool = False  # torchvision backbones only
+    pretrained: bool = False  # start from the backbone's pretrained weights (not for cnn)
+    freeze: Union[int, str] = "none"  # none, head_only (the whole body), or that many stages
+    backbone_lr_scale: float = 1.0  # the body's learning rate is lr times this
+    warmup_epochs: int = 0  # epochs that train the head alone before `freeze` applies
     # optimization
     optimizer: str = "adamw"
     lr: float = 0.003
@@ -177,6 +201,8 @@ class TrainConfig(_Config):
         "step_size": (1, None),
         "gamma": (0.0, 1.0),
         "label_smoothing": (0.0, 0.5),
+        "backbone_lr_scale": (1e-4, 1.0),
+        "warmup_epochs": (0, 1000),
         "batch_size": (1, 65536),
         "epochs": (1, 10000),
         "image_size": (8, 1024),
@@ -191,6 +217,22 @@ class TrainConfig(_Config):
             )
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size={self.kernel_size} must be odd (1, 3, 5, ...)")
+        if isinstance(self.freeze, bool) or (isinstance(self.freeze, str) and self.freeze not in FREEZE) \
+                or (isinstance(self.freeze, int) and self.freeze < 0):
+            raise ConfigError(f"freeze={self.freeze!r} is not valid; use none, head_only or a number "
+                              "of stages (0 or more)")
+
+    def _check_combination(self) -> None:
+        transfer = {"pretrained": self.pretrained, "freeze": self.freeze not in ("none", 0),
+                    "warmup_epochs": self.warmup_epochs > 0}
+        if self.arch == "cnn" and any(transfer.values()):
+            key = next(k for k, v in transfer.items() if v)
+            raise ConfigError(f"{key}={getattr(self, key)!r} needs a pretrained backbone, and arch=cnn "
+                              f"has none; choose arch from {', '.join(ARCHS[1:])} or leave {key} at its default")
+        if not self.pretrained and (transfer["freeze"] or transfer["warmup_epochs"]):
+            key = "freeze" if transfer["freeze"] else "warmup_epochs"
+            raise ConfigError(f"{key}={getattr(self, key)!r} freezes random weights; set pretrained=true "
+                              f"or leave {key} at its default")
 
 
 @dataclass
@@ -245,6 +287,7 @@ class SearchConfig(_Config):
     searcher: str = "tpe"
     baseline_first: bool = True
     max_failures: int = 2
+    weights_dir: Union[str, None] = None  # pretrained weights; default $TUNE_AGE_WEIGHTS, torch's cache
 
     _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS}
     _ranges = {

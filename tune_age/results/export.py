@@ -47,7 +47,7 @@ from ..data.groups import AgeGroups, groups_from_dict
 from ..data.preprocess import square_resize
 from ..training.engine import Normalizer, resolve_device
 from ..errors import ArtifactError, ConfigError, TuneAgeError
-from ..models import build_model
+from ..models import BACKBONES, build_model
 from . import FAILED, Experiment, is_baseline, load_experiment, status_counts
 from ..training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
 from ..training.selection import selection_score
@@ -254,7 +254,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         cfg = TrainConfig.from_dict(state["config"])
         groups = groups_from_dict(state["groups"])
         # The weights come from the file: never download pretrained ones to build the network.
-        model = build_model(cfg.replace(pretrained=False), len(groups), int(state["image_size"]))
+        model = build_model(cfg.replace(pretrained=False, freeze="none", warmup_epochs=0), len(groups),
+                            int(state["image_size"]))
         model.load_state_dict(state["model"], strict=True)
     except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -362,6 +363,7 @@ def export_best(
             "epoch": ref.epoch,
             "checkpoint": str(ref.path.relative_to(exp.path)),
             "selected_by": {"metric": metric, "mode": METRICS[metric], "value": ref.value(metric)},
+            "pretrained": _pretrained_note(state["config"]),
             "data_fingerprint": state.get("data_fingerprint"),
             "data_source": exp.meta.get("data_source"),
             "data_config": exp.meta.get("data"),
@@ -377,6 +379,14 @@ def export_best(
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
     return ExportResult(out, ref, metric, payload["sha256"], script,
                         better_epoch_not_kept(exp, ref, metric))
+
+
+def _pretrained_note(config: dict[str, Any]) -> str | None:
+    """Where a pretrained body came from, and its license where it has one (face_resnet's)."""
+    if not config.get("pretrained"):
+        return None
+    spec = BACKBONES[config["arch"]]
+    return spec.license or spec.weights
 
 
 class Packaged(nn.Module):

@@ -26,6 +26,7 @@ from ..config import DataConfig, SearchConfig, TrainConfig
 from ..data import FaceData, load_data
 from ..errors import ConfigError, TuneAgeError
 from ..models import min_image_size
+from ..models.weights import pretrained_state, weights_file
 from ..training.selection import SCORE_KEY
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
@@ -110,12 +111,22 @@ def image_sizes(plan: Plan) -> list:
 def check_plan(plan: Plan, data: FaceData) -> None:
     """Finds configurations that cannot be built before any trial starts."""
     plan.space.check_buildable(data.native_size)
+    plan.space.check_combinations()
     for size in image_sizes(plan):
         data.resolve_size(size)  # "native" on images of mixed sizes fails here, clearly
     if plan.baseline is not None:
         size = data.resolve_size(plan.baseline.image_size)
         if size < min_image_size(plan.baseline):
             raise ConfigError(f"the seed baseline needs images of at least {min_image_size(plan.baseline)} px")
+
+
+def pretrained_weights(plan: Plan, weights_dir: str | None) -> dict[str, dict]:
+    """arch -> {"state": state dict, "id": file name} for every pretrained body the space can
+    ask for, found on disk here in the driver (a missing file fails before any trial)."""
+    if True not in plan.space.values("pretrained"):
+        return {}
+    return {arch: {"state": pretrained_state(arch, weights_dir), "id": weights_file(arch)}
+            for arch in plan.space.values("arch") if arch != "cnn"}
 
 
 def local_resources() -> dict[str, float]:
@@ -253,6 +264,7 @@ def run_search(
         search = SearchConfig.from_dict({**meta["search"], "resume": True,
                                          "address": search.address, "storage": search.storage})
         data_cfg = DataConfig.from_dict(meta["data"])
+    weights = pretrained_weights(plan, search.weights_dir)
     data = load_data(data_cfg, image_sizes(plan), progress=progress)
     check_plan(plan, data)
     if search.resume:
@@ -281,7 +293,8 @@ def run_search(
     if not search.resume:
         write_meta(plan, search, data_cfg, data)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric),
+        tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric,
+                             weights=weights),
         {"cpu": cpus, "gpu": gpus},
     )
     # with_parameters has put the data into Ray's object store, where every trial on this

@@ -106,8 +106,8 @@ class Space:
         if not sizes:
             return
         smallest = min(sizes)
-        archs = self._values("arch")
-        worst = TrainConfig(arch="cnn", conv_layers=max(self._values("conv_layers")))
+        archs = self.values("arch")
+        worst = TrainConfig(arch="cnn", conv_layers=max(self.values("conv_layers")))
         for arch in archs:
             need = min_image_size(worst if arch == "cnn" else TrainConfig(arch=arch))
             if smallest < need:
@@ -118,7 +118,24 @@ class Space:
                     f">= {need} or lower conv_layers"
                 )
 
-    def _values(self, name: str) -> list:
+    def check_combinations(self, samples: int = 100, seed: int = 0) -> None:
+        """Fails before the search when configurations drawn from the space break a rule that
+        joins several keys (pretrained with arch=cnn, say); each value alone was checked on load."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        for _ in range(samples):
+            values = self.suggest(study.ask())
+            try:
+                TrainConfig.from_dict(values)
+            except ConfigError as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items() if self.params[k].kind != "fixed")
+                raise SpaceError(f"{self.source}: the space can produce an invalid configuration "
+                                 f"({shown or 'its fixed values'}): {exc}") from None
+
+    def values(self, name: str) -> list:
+        """Every value the space can give `name` (its bounds for a range; the default when absent)."""
         p = self.params.get(name)
         return p.values_to_check() if p else [getattr(TrainConfig(), name)]
 
@@ -164,7 +181,7 @@ def _check_param(source: str, name: str, raw: Any, seen: list[str]) -> Param:
         param = Param(name, kind, args, when)
     for value in param.values_to_check():
         try:
-            TrainConfig.from_dict({name: value})
+            TrainConfig.check_value(name, value)
         except ConfigError as exc:
             raise SpaceError(f"{where}: {exc}") from None
     return param

@@ -54,7 +54,10 @@ def _maybe_crash(epoch: int) -> None:
         raise RuntimeError(f"injected crash at epoch {epoch}")
 
 
-def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric: str = "val_acc") -> None:
+def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric: str = "val_acc",
+                weights: dict[str, dict] | None = None) -> None:
+    """One trial; `weights`: arch -> {"state", "id"} of the pretrained bodies the space can ask
+    for, loaded once by the driver (trials never look for weight files)."""
     cfg = trial_config(config, max_epochs)
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
@@ -66,7 +69,11 @@ def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric:
         "gpu_ids": [str(g) for g in gpu_ids],
         "baseline": bool(config.get(BASELINE_KEY)),
     }
-    run = start_run(cfg, data, device)
+    pretrained = (weights or {}).get(cfg.arch) if cfg.pretrained else None
+    if cfg.pretrained and pretrained is None:
+        raise RuntimeError(f"the driver loaded no pretrained weights for arch={cfg.arch}")
+    run = start_run(cfg, data, device, *((pretrained["state"], pretrained["id"]) if pretrained else ()))
+    info["features"] = run.feature_source or "none"
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:

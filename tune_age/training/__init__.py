@@ -28,7 +28,9 @@ from . import engine
 from ..config import TrainConfig
 from ..data import FaceData
 from ..data.groups import AgeGroups
-from ..models import build_model
+from ..models import BACKBONES, apply_freeze, build_model
+from ..models.weights import pretrained_state, weights_file
+from .features import feature_key, frozen_features, uses_frozen_features
 from .selection import best_row
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class Run:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    feature_source: str | None = None  # frozen-feature runs: "computed" or "cached"
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -124,20 +127,46 @@ def split_tensors(data: FaceData, image_size: int, device: torch.device) -> dict
     return out
 
 
-def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = None) -> Run:
-    """Builds everything one training run needs; no epoch is run yet."""
+def input_norm(cfg: TrainConfig, data: FaceData) -> tuple[list[float], list[float]]:
+    """The mean and std images are normalized with: the pretrained weights' own, else the
+    train split's (data.mean, data.std)."""
+    spec = BACKBONES[cfg.arch]
+    if cfg.pretrained and spec.mean is not None:
+        return list(spec.mean), list(spec.std)
+    return list(data.mean), list(data.std)
+
+
+def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = None,
+              weights: dict[str, torch.Tensor] | None = None, weights_id: str = "",
+              weights_dir: str | None = None) -> Run:
+    """Builds everything one training run needs; no epoch is run yet. With cfg.pretrained the
+    body starts from `weights` (a state dict; a search's driver hands them to its trials), or
+    else from the file models/weights.py finds (in `weights_dir` or torchvision's cache);
+    `weights_id` names them in the frozen-feature cache key."""
     device = device or engine.resolve_device(cfg.device)
     image_size = data.resolve_size(cfg.image_size)
+    if cfg.pretrained and weights is None:
+        weights, weights_id = pretrained_state(cfg.arch, weights_dir), weights_file(cfg.arch)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(data.groups), image_size).to(device)
+    model = build_model(cfg, len(data.groups), image_size, weights if cfg.pretrained else None).to(device)
     if device.type == "cpu":
         # oneDNN's convolutions and pooling run faster on NHWC: 1.2-1.5x for the default CNN at
         # one thread (benchmarks/throughput.py); a checkpoint's weights load into either layout.
         model = model.to(memory_format=torch.channels_last)
         keep_freed_memory()
-    optimizer = engine.build_optimizer(cfg, model.parameters())
+    optimizer = engine.build_optimizer(cfg, model)
     counts = torch.as_tensor(data.class_counts("train"))
     generator = torch.Generator().manual_seed(cfg.seed)
+    mean, std = input_norm(cfg, data)
+    norm = engine.Normalizer(mean, std, device)
+    tensors = split_tensors(data, image_size, device)
+    feature_source = None
+    if uses_frozen_features(cfg):
+        key = feature_key(cfg.arch, weights_id, image_size, mean, std, data.fingerprint)
+        feats, feature_source = frozen_features(model, as_tensor(data.images[image_size]), norm, key)
+        feats = torch.from_numpy(feats)
+        for split in ("train", "val"):
+            tensors[f"{split}_x"] = feats[torch.as_tensor(data.splits[split])].to(device)
     return Run(
         cfg=cfg,
         model=model,
@@ -147,31 +176,38 @@ def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = No
                                     and not torch.cuda.is_bf16_supported()),
         loss_fn=engine.build_loss(cfg, counts).to(device),
         device=device,
-        norm=engine.Normalizer(data.mean, data.std, device),
+        norm=norm,
         augment=engine.Augment.from_config(cfg),
         generator=generator,
         groups=data.groups,
         image_size=image_size,
-        mean=list(data.mean),
-        std=list(data.std),
+        mean=mean,
+        std=std,
         fingerprint=data.fingerprint,
-        tensors=split_tensors(data, image_size, device),
+        tensors=tensors,
+        feature_source=feature_source,
     )
 
 
 def run_epoch(run: Run) -> dict[str, Any]:
-    """Trains one epoch and evaluates on the validation split; raises engine.Diverged."""
+    """Trains one epoch and evaluates on the validation split; raises engine.Diverged.
+
+    A frozen-feature run trains and evaluates the head alone on the cached features."""
     t = run.tensors
     amp = run.cfg.amp
+    apply_freeze(run.model, run.cfg, run.epoch)
+    heads_only = run.feature_source is not None
+    module = run.model.classifier if heads_only else run.model
+    norm = None if heads_only else run.norm
     train = engine.train_one_epoch(
-        run.model, t["train_x"], t["train_y"], run.optimizer, run.loss_fn,
-        batch_size=run.cfg.batch_size, norm=run.norm, augment=run.augment, amp=amp,
-        scaler=run.scaler, generator=run.generator,
+        module, t["train_x"], t["train_y"], run.optimizer, run.loss_fn,
+        batch_size=run.cfg.batch_size, norm=norm, augment=None if heads_only else run.augment,
+        amp=amp, scaler=run.scaler, generator=run.generator,
     )
     if run.scheduler is not None:
         run.scheduler.step()
     val = engine.evaluate(
-        run.model, t["val_x"], t["val_y"], norm=run.norm, num_classes=len(run.groups),
+        module, t["val_x"], t["val_y"], norm=norm, num_classes=len(run.groups),
         ages=t["val_age"], centers=run.groups.centers, amp=amp,
     )
     run.epoch += 1
@@ -258,13 +294,14 @@ def train(
     data: FaceData,
     out_dir: str | Path,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """`tune-age train`: runs cfg.epochs epochs, saving checkpoint.pt and best.pt in out_dir.
 
     Returns the metrics of the best epoch (by val_acc, ties as training.selection decides).
     """
     out_dir = Path(out_dir)
-    run = start_run(cfg, data)
+    run = start_run(cfg, data, weights=weights)
     best: dict[str, Any] | None = None
     for _ in range(cfg.epochs):
         metrics = run_epoch(run)

@@ -5,7 +5,7 @@ Images travel as one uint8 tensor (N x 3 x S x S) that stays on the device
 normalized as a whole tensor, so there is no per-image Python work and no
 host synchronisation inside the loop.
 
-    optimizer = build_optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model)
     stats = train_one_epoch(model, images, labels, optimizer, loss_fn,
                             batch_size=64, norm=norm, augment=Augment.from_config(cfg))
     metrics = evaluate(model, val_images, val_labels, norm=norm, num_classes=10)
@@ -131,8 +131,14 @@ SCHEDULES = {
 }
 
 
-def build_optimizer(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.optimizer](cfg, params)
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over two groups: the body (`model.features`) at lr x backbone_lr_scale,
+    everything else (pool, head) at lr. Frozen parameters get no gradient, so no step."""
+    body = list(model.features.parameters())
+    ids = {id(p) for p in body}
+    head = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head, "lr": cfg.lr}]
+    return OPTIMIZERS[cfg.optimizer](cfg, [g for g in groups if g["params"]])
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, epochs: int):
@@ -203,7 +209,7 @@ def train_one_epoch(
     loss_fn: nn.Module,
     *,
     batch_size: int,
-    norm: Normalizer,
+    norm: Normalizer | None,
     augment: Augment | None = None,
     amp: bool = False,
     scaler: torch.amp.GradScaler | None = None,
@@ -211,8 +217,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over (images, labels) in a random order; returns loss, acc, images_per_sec.
 
-    `images` is uint8 on the model's device (or CPU); raises Diverged when the
-    loss is not finite.
+    `images` is uint8 on the model's device (or CPU), or, with norm=None, inputs the model
+    takes as they are (frozen features); raises Diverged when the loss is not finite.
     """
     device = next(model.parameters()).device
     if images.device != labels.device:
@@ -229,7 +235,9 @@ def train_one_epoch(
     for idx in _batches(n, batch_size, order, min_last=2 if n > 1 else 1):
         x = images[idx].to(device, non_blocking=True)
         y = labels[idx].to(device, non_blocking=True)
-        if augment is not None and augment.active:
+        if norm is None:  # inputs that need no preprocessing (frozen features)
+            x = x.float()
+        elif augment is not None and augment.active:
             x = norm.from_unit(augment(norm.to_unit(x), generator))
         else:
             x = norm(x)
@@ -264,14 +272,16 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, *, norm: Normalizer, batch_size: int = 256, amp: bool = False
+    model: nn.Module, images: torch.Tensor, *, norm: Normalizer | None, batch_size: int = 256,
+    amp: bool = False,
 ) -> torch.Tensor:
     """Logits for every image, on the model's device, in input order."""
     device = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = norm(images[start:start + batch_size].to(device, non_blocking=True))
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        x = x.float() if norm is None else norm(x)
         with autocast_for(device, amp):
             out.append(model(x).float())
     if not out:
@@ -321,7 +331,7 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
-    norm: Normalizer,
+    norm: Normalizer | None,
     num_classes: int,
     loss_fn: nn.Module | None = None,
     ages: torch.Tensor | None = None,
