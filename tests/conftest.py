@@ -41,7 +41,7 @@ def small_search(tmp_path_factory, cache_dir) -> Path:
     storage = tmp_path_factory.mktemp("results")
     proc = run_cli(
         "search", "--synthetic-n", str(SMALL_N), "--space", "quick", "--num-samples", "4",
-        "--max-epochs", "3", "--storage", str(storage), "--name", "small", "--seed", "1",
+        "--max-epochs", "3", "--storage", str(storage), "--name", "small", "--seed", "1", "--cv", "1",
     )
     exp = storage / "small"
     assert "best val_acc" in proc.stdout, proc.stdout

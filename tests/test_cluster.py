@@ -108,7 +108,7 @@ def test_trials_run_on_both_nodes(cluster, tmp_path, monkeypatch):
     nodes = node_ids(cluster["address"], cluster["env"])
     assert len(nodes) == 2
     run_cli("search", "--address", cluster["address"], "--synthetic-n", str(SMALL_N), "--num-samples", "4",
-            "--max-epochs", "2", "--storage", str(tmp_path), "--name", "two-nodes", "--no-baseline")
+            "--max-epochs", "2", "--storage", str(tmp_path), "--name", "two-nodes", "--no-baseline", "--cv", "1")
     trials = read_trials(tmp_path / "two-nodes" / "trials.jsonl")
     assert len(trials) == 4 and all(t["status"] in FINAL for t in trials.values())
     assert {t["last"]["node_id"] for t in trials.values()} == set(nodes)
@@ -124,7 +124,7 @@ def test_losing_the_worker_node_retries_its_trial_on_the_head(cluster, tmp_path,
     proc = subprocess.Popen(
         [sys.executable, "-m", "tune_age", "search", "--address", cluster["address"], "--space", str(space),
          "--synthetic-n", str(SMALL_N), "--storage", str(tmp_path), "--name", "lose-node", "--no-baseline",
-         "--scheduler", "fifo", "--max-failures", "3"],
+         "--scheduler", "fifo", "--max-failures", "3", "--cv", "1"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=cluster["env"],
     )
     trials_file = tmp_path / "lose-node" / "trials.jsonl"

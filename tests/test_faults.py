@@ -32,7 +32,7 @@ def test_crashes_are_retried_and_divergence_ends_only_that_trial(tmp_path, monke
     monkeypatch.setenv("TUNE_AGE_TEST_CRASH", f"2:{tmp_path / 'crashed'}")
     proc = run_cli("search", "--space", str(space), "--synthetic-n", str(SMALL_N), "--storage", str(tmp_path),
                    "--name", "risky", "--searcher", "random", "--seed", "4", "--scheduler", "fifo",
-                   "--no-baseline", "--max-failures", "2")
+                   "--no-baseline", "--max-failures", "2", "--cv", "1")
     trials = read_trials(tmp_path / "risky" / "trials.jsonl")
     assert len(trials) == 6
     by_lr = {lr: [t for t in trials.values() if t["config"]["lr"] == lr] for lr in (0.003, 10.0)}
@@ -66,7 +66,7 @@ def test_two_searches_at_once_on_one_storage_do_not_interfere(tmp_path):
         name: subprocess.Popen(
             [sys.executable, "-m", "tune_age", "search", "--synthetic-n", str(SMALL_N), "--num-samples", "3",
              "--max-epochs", "2", "--storage", str(tmp_path), "--name", name, "--seed", str(seed),
-             "--no-baseline"],
+             "--no-baseline", "--cv", "1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
         )
         for seed, name in enumerate(("left", "right"))

@@ -365,7 +365,8 @@ def test_exported_model_reproduces_evaluate(small_search, exported, search_data,
                       num_classes=len(loaded.groups), ages=torch.from_numpy(search_data.ages.copy()),
                       centers=loaded.groups.centers)
     folder = Path(search_data.paths[0]).parent  # the synthetic faces, a UTKFace-named folder
-    code, out, err = run(capsys, "evaluate", exported, "--data", folder, "--format", "json", "--device", "cpu")
+    code, out, err = run(capsys, "evaluate", exported, "--data", folder, "--format", "json", "--device", "cpu",
+                         "--include-seen")
     assert code == 0, err
     got = json.loads(out)
     for key in ("accuracy", "one_off", "macro_f1", "balanced_accuracy", "mae"):
@@ -375,8 +376,15 @@ def test_exported_model_reproduces_evaluate(small_search, exported, search_data,
     rows = search_data.splits["val"]
     val = evaluate_arrays(loaded, search_data.images[loaded.image_size][rows], search_data.labels[rows])
     assert val["accuracy"] == pytest.approx(loaded.metrics["val_acc"], abs=1e-6)
-    code, out, _ = run(capsys, "evaluate", exported, "--data", folder)
+    code, out, _ = run(capsys, "evaluate", exported, "--data", folder, "--include-seen")
     assert code == 0 and f"accuracy           {direct['accuracy']:.4f}" in out
+    # By default only what the model never saw is scored: here, the test split.
+    test = search_data.splits["test"]
+    honest = evaluate_arrays(loaded, search_data.images[loaded.image_size][test], search_data.labels[test])
+    code, out, _ = run(capsys, "evaluate", exported, "--data", folder, "--format", "json")
+    got = json.loads(out)
+    assert got["n_images"] == len(test) and got["seen"] == len(labels) - len(test)
+    assert got["accuracy"] == pytest.approx(honest["accuracy"], abs=1e-6)
 
 
 def test_predict_a_folder(exported, search_data, tmp_path, capsys):

@@ -32,7 +32,7 @@ def start_search(storage: Path, log: Path, *extra: str) -> subprocess.Popen:
     args = ["--storage", str(storage), "--name", "resumable"]
     if not extra:
         args = ["--synthetic-n", str(SMALL_N), "--num-samples", str(NUM_SAMPLES), "--max-epochs", "3",
-                "--seed", "3", *args]
+                "--seed", "3", "--cv", "1", *args]
     return subprocess.Popen(
         [sys.executable, "-m", "tune_age", "search", *args, *extra],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ),

@@ -86,7 +86,7 @@ def fake_gpu_ray():
 def test_fractional_gpus_pack_four_trials_on_two_fake_gpus(fake_gpu_ray, tmp_path):
     search = SearchConfig(
         space="quick", num_samples=4, max_epochs=2, gpus_per_trial=0.5, cpus_per_trial=1,
-        storage=str(tmp_path), name="gpus", baseline_first=False,
+        storage=str(tmp_path), name="gpus", baseline_first=False, cv=1,
     )
     exp = load_experiment(run_search(search, DataConfig(synthetic_n=SMALL_N), progress=False))
     trials = list(exp.trials.values())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -73,3 +75,27 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert "usage: tune-age " + command in capsys.readouterr().out
+
+
+def test_evaluate_leaves_out_what_the_model_saw(tmp_path, capsys):
+    faces = tmp_path / "faces"
+    assert main(["synth", str(faces), "--n", "120", "--seed", "9", "--size", "48"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(faces), "--out", str(out), "epochs=1", "image_size=32",
+                 "conv_layers=2", "channels=8"]) == 0
+    split = pd.read_csv(out / "split.csv")
+    seen = int((split["split"] != "test").sum())
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "best.pt"), "--data", str(faces), "--format", "json"]) == 0
+    unseen = json.loads(capsys.readouterr().out)
+    assert unseen["seen"] == seen and unseen["n_images"] == 120 - seen and unseen["scored"] == "unseen"
+    assert main(["evaluate", str(out / "best.pt"), "--data", str(faces), "--include-seen"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("120 images scored") and f"{seen} image(s) the model saw" in text
+    # A folder of nothing but training images: nothing honest to score.
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    for path in split.loc[split["split"] == "train", "path"]:
+        (train_only / Path(path).name).symlink_to(path)
+    assert main(["evaluate", str(out / "best.pt"), "--data", str(train_only)]) == 2
+    assert "were seen by the model in training or validation" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_head_trials_reuse_one_feature_computation(tmp_path, weights_dir, monkey
     space = tmp_path / "heads.yaml"
     space.write_text(HEAD_SPACE)
     common = ["search", "--synthetic-n", str(SMALL_N), "--space", str(space), "--weights-dir", str(weights_dir),
-              "--storage", str(tmp_path / "results"), "--no-baseline"]
+              "--storage", str(tmp_path / "results"), "--no-baseline", "--cv", "1"]
     run_cli(*common, "--name", "first")
     first = features_of(tmp_path / "results" / "first")
     assert len(first) == 3 and all(len(v) == 1 for v in first.values())

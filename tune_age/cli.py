@@ -119,6 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget, name=args.name or time.strftime("search-%Y%m%d-%H%M%S"),
         resume=args.resume, seed=args.seed, scheduler=args.scheduler, searcher=args.searcher,
         baseline_first=not args.no_baseline, max_failures=args.max_failures, weights_dir=args.weights_dir,
+        cv=args.cv,
     )
     exp_dir, _ = experiment_dir(search)
     try:
@@ -257,7 +258,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .results.predict import evaluate, metric_lines
 
     with _quiet_data_logs(args):
-        metrics = evaluate(args.model, args.data, layout=args.layout, device=args.device)
+        metrics = evaluate(args.model, args.data, layout=args.layout, device=args.device,
+                           include_seen=args.include_seen)
     if args.format == "json":
         print(json.dumps(metrics, indent=1))
     else:
@@ -328,6 +330,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--data", required=True, help="a UTKFace-named folder, a folder per group, "
                    "or a CSV of path,age / path,age_group")
     p.add_argument("--layout", default="auto", help="auto, utkface, folders or csv")
+    p.add_argument("--include-seen", action="store_true", help="also score images the model saw in "
+                   "training or validation (left out by default: they flatter it)")
     p.add_argument("--format", default="table", choices=("table", "json"), help="output format")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_evaluate)
@@ -383,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashing trial")
     p.add_argument("--weights-dir", help="a folder of pretrained weight files (default: "
                    "$TUNE_AGE_WEIGHTS, then torchvision's cache $TORCH_HOME/hub/checkpoints)")
+    p.add_argument("--cv", type=int, help="train K folds of train+val in each trial and score their "
+                   "pooled predictions (default: 5 when the validation split holds fewer than 200 "
+                   "images, else 1; --cv 1: one split)")
     p.set_defaults(func=cmd_search)
     _add_results_commands(sub)
     return parser

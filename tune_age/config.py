@@ -288,6 +288,7 @@ class SearchConfig(_Config):
     baseline_first: bool = True
     max_failures: int = 2
     weights_dir: Union[str, None] = None  # pretrained weights; default $TUNE_AGE_WEIGHTS, torch's cache
+    cv: Union[int, None] = None  # folds of train+val per trial; None: 5 when val < 200 images, else 1
 
     _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS}
     _ranges = {
@@ -298,6 +299,7 @@ class SearchConfig(_Config):
         "max_concurrent": (1, None),
         "time_budget_min": (0.01, None),
         "max_failures": (0, 100),
+        "cv": (1, 20),
     }
 
     @property

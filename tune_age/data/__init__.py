@@ -60,6 +60,15 @@ class FaceData:
     source: str  # for people: "utkface folder /x (3000 images)"
     sizes_seen: dict[tuple[int, int], int] = field(default_factory=dict)  # (w, h) -> count
     unevaluated: list[str] = field(default_factory=list)  # groups with no val image (too few)
+    keys: dict[int, np.ndarray] = field(default_factory=dict)  # size -> image_keys of each row
+
+    def seen_keys(self, size: int) -> np.ndarray:
+        """The image_keys of the train and validation images at `size`: what a model trained
+        on this data has seen (a model file keeps them, so evaluate can leave them out)."""
+        keys = self.keys.get(size)
+        if keys is None:
+            keys = self.keys[size] = image_keys(self.images[size])
+        return np.unique(keys[np.concatenate([self.splits["train"], self.splits["val"]])])
 
     def resolve_size(self, size: int | str) -> int:
         """A pixel count for an image_size setting; "native" is the images' own square size."""
@@ -96,6 +105,12 @@ def _resolve_size(size: int | str, native: int | None, seen: dict, source: str) 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"image_size={size!r} is not valid; use a pixel count or 'native'")
     return size
+
+
+def image_keys(images: np.ndarray) -> np.ndarray:
+    """A 64-bit key per decoded image (blake2b of its pixels): equal pixels, equal keys."""
+    return np.array([int.from_bytes(hashlib.blake2b(img.tobytes(), digest_size=8).digest(), "little",
+                                    signed=True) for img in images], dtype=np.int64)
 
 
 def stratified_split(
@@ -287,6 +302,7 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
         source=f"{what} {path} ({len(table)} images)",
         sizes_seen=dict(sizes_seen),
         unevaluated=unevaluated,
+        keys={s: image_keys(a) for s, a in images.items()},
     )
     log.info("%s: train %d, val %d, test %d", data.source,
              *(len(splits[name]) for name in SPLITS))

@@ -467,24 +467,69 @@ def follow(path: str | Path, draw: Callable[[Experiment], str], interval: float 
 # --- the end-of-search summary -------------------------------------------------------------
 
 
+PROPORTIONS = ("val_acc", "val_one_off")  # metrics that are a share of images: Wilson intervals
+
+
+def best_row_of(exp: Experiment, entry: dict[str, Any]) -> dict[str, Any]:
+    """The result (result.json row) of a trial's best epoch; {} when there is none."""
+    return next((r for r in exp.history(entry) if int(r.get("epoch", 0)) == entry.get("best_epoch")), {})
+
+
+def score_with_interval(exp: Experiment, entry: dict[str, Any]) -> tuple[str, tuple[float, float] | None]:
+    """A trial's best score as text with its 95 % interval (and spread across folds), and the
+    interval itself when the metric is a proportion whose image count is known."""
+    from .intervals import wilson
+
+    row = best_row_of(exp, entry)
+    value, n = entry["best"], row.get("val_n")
+    text, interval = f"{value:.4f}", None
+    if exp.metric in PROPORTIONS and n:
+        interval = wilson(value, int(n))
+        text += f" [95% {interval[0]:.3f}-{interval[1]:.3f} on {n} images]"
+    spread = row.get(f"{exp.metric}_std")
+    if row.get("cv_folds") and spread is not None:
+        text += f", +/- {spread:.3f} across {row['cv_folds']} folds"
+    return text, interval
+
+
 def summary_lines(exp: Experiment) -> list[str]:
-    """The end-of-search summary: best, baseline, failures, where to look next."""
+    """The end-of-search summary: how it validated, best and baseline with their intervals,
+    whether the lead is real, failures, where to look next."""
     metric = exp.metric
     lines = []
     lines.append(f"trials: {len(exp.trials)} ({status_counts(exp)})")
+    cv = exp.meta.get("cv") or {}
+    if cv.get("folds", 1) > 1:
+        lines.append(f"validation: {cv['folds']}-fold cross-validation of train+val ({cv.get('why', '')})")
     best = exp.best_trial()  # the model `tune-age export` writes, the seed baseline included
     base = exp.baseline_trial()
+    best_interval = base_interval = None
     if best:
         which = " (the seed baseline: no searched configuration beat it)" if is_baseline(best) else ""
-        lines.append(f"best {metric}: {best['best']:.4f} (trial {best['trial_id']}, epoch "
-                     f"{best['best_epoch']}){which}")
+        text, best_interval = score_with_interval(exp, best)
+        lines.append(f"best {metric}: {text} (trial {best['trial_id']}, epoch {best['best_epoch']}){which}")
         shown = {k: v for k, v in best["config"].items() if not k.startswith("_")}
+        shown["epochs"] = exp.meta.get("max_epochs", shown.get("epochs"))  # what the trial trained for
         lines.append("best configuration: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
     else:
         lines.append("no trial finished with a score")
     if base:
-        score = f"{base['best']:.4f}" if base["best"] is not None else base["status"]
+        if base["best"] is not None:
+            score, base_interval = score_with_interval(exp, base)
+        else:
+            score = base["status"]
         lines.append(f"seed baseline {metric}: {score} (trial {base['trial_id']})")
+    searched = exp.best_trial(include_baseline=False)
+    if best and is_baseline(best) and searched:
+        text, _ = score_with_interval(exp, searched)
+        lines.append(f"best searched trial {metric}: {text} (trial {searched['trial_id']})")
+    if best and base and not is_baseline(best) and best_interval and base_interval:
+        lead = best["best"] - base["best"]
+        if best_interval[0] > base_interval[1] or best_interval[1] < base_interval[0]:
+            lines.append(f"lead over the seed baseline: {lead:+.4f}, beyond both intervals")
+        else:
+            lines.append(f"lead over the seed baseline: {lead:+.4f}, within the intervals: it may be "
+                         "noise (tune-age report compares the two on the test split)")
     for t in exp.failed():
         lines.append(f"trial {t['trial_id']} {t['status']} after {t['attempts']} attempt(s): {last_error(t)}")
     lines.append(f"experiment folder: {exp.path}")

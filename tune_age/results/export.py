@@ -183,6 +183,7 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
+    seen: set[int] | None = None  # image keys of its train and val images; None: not recorded
 
     @property
     def device(self) -> torch.device:
@@ -273,6 +274,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         kind="export" if state["format"] == EXPORT_FORMAT else "checkpoint", path=path,
         metrics=dict(state.get("metrics") or {}), provenance=dict(state.get("provenance") or {}),
         sha256=state.get("sha256"),
+        seen=set(state["seen_images"].tolist()) if state.get("seen_images") is not None else None,
     )
 
 
@@ -355,6 +357,7 @@ def export_best(
         "square": exp.meta.get("data", {}).get("square", "crop"),
         "metrics": state.get("metrics") or {},
         "history": state.get("history") or [],
+        "seen_images": state.get("seen_images"),
         "provenance": {
             "experiment": exp.source or str(exp.path.resolve()),
             "experiment_name": exp.name,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..data import image_keys
 from ..data.decode import decode_images
 from ..data.sources import list_images, read_manifest
 from ..training.engine import evaluate as engine_evaluate
@@ -122,6 +123,7 @@ def evaluate_arrays(
     out["loss"] = result["loss"]
     out["n_images"] = int(len(labels))
     out["groups"] = loaded.groups.names
+    out["pred"] = result["pred"].numpy()  # each image's predicted group, for intervals
     return out
 
 
@@ -130,11 +132,14 @@ def evaluate(
     data: str | Path,
     layout: str = "auto",
     device: str = "cpu",
+    include_seen: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the model on a labelled set in any supported layout (utkface, folders, csv),
-    labelled with the model's own age groups. Keys: accuracy, one_off, macro_f1,
-    balanced_accuracy, mae (years; when ages are known), confusion (rows: true group),
-    loss, n_images, groups, skipped."""
+    labelled with the model's own age groups. Images the model saw in training or validation
+    (its file records their pixel keys) are counted and, unless `include_seen`, left out:
+    scoring them would flatter the model. Keys: accuracy, one_off, macro_f1, balanced_accuracy,
+    mae (years; when ages are known), confusion (rows: true group), loss, n_images, seen,
+    scored ("unseen" or "all"), groups, skipped."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     table, skipped = read_manifest(Path(data), layout, loaded.groups)
     images, kept, failed = decode_images(table["path"].tolist(), loaded.image_size, loaded.square)
@@ -142,17 +147,35 @@ def evaluate(
         raise DataError(f"{data}: none of the {len(table)} images could be decoded "
                         f"(first: {describe_skipped(failed)})")
     table = table.iloc[kept]
+    seen = np.zeros(len(table), dtype=bool)
+    if loaded.seen is not None:
+        seen = np.isin(image_keys(images), np.fromiter(loaded.seen, dtype=np.int64))
+    if seen.all() and not include_seen:
+        raise DataError(f"{data}: all {len(table)} images were seen by the model in training or "
+                        "validation, so no unseen image is left to score; add --include-seen to "
+                        "score them anyway (the figure will flatter the model)")
+    if not include_seen and seen.any():
+        images, table = images[~seen], table[~seen]
     ages = table["age"].to_numpy(np.float32)
     metrics = evaluate_arrays(loaded, images, table["group"].to_numpy(np.int64),
                               None if np.isnan(ages).all() else ages)
+    metrics.pop("pred")
     metrics["skipped"] = len(skipped) + len(failed)
+    metrics["seen"] = int(seen.sum()) if loaded.seen is not None else None
+    metrics["scored"] = "all" if include_seen else "unseen"
     return metrics
 
 
 def metric_lines(metrics: dict[str, Any]) -> list[str]:
     """The metrics and the confusion matrix as aligned text."""
-    lines = [f"{metrics['n_images']} images"
+    lines = [f"{metrics['n_images']} images scored"
              + (f" ({metrics['skipped']} skipped)" if metrics.get("skipped") else "")]
+    if metrics.get("seen") is None and "seen" in metrics:
+        lines.append("the model file does not record its training images, so none could be left out")
+    elif metrics.get("seen"):
+        lines.append(f"{metrics['seen']} image(s) the model saw in training or validation "
+                     + ("are scored too (--include-seen)" if metrics.get("scored") == "all"
+                        else "left out (--include-seen scores them too)"))
     for key in METRIC_KEYS:
         if key in metrics:
             unit = " years" if key == "mae" else ""

@@ -40,6 +40,7 @@ from ..config import DataConfig, TrainConfig
 from ..errors import ConfigError, TuneAgeError
 from .export import CheckpointRef, best_checkpoint, best_of, list_checkpoints, load_model
 from .plots import plot_confusion, plot_curves, plot_groups, plot_history, plot_importance, plot_params
+from .intervals import accuracy, bootstrap, paired
 from .predict import METRIC_KEYS, evaluate_arrays
 from . import (
     Experiment, direction, fmt, fmt_score, hyperparameters, is_baseline, last_error, load_experiment,
@@ -184,14 +185,21 @@ def load_search_data(exp: Experiment, sizes: list[int | str]):
 
 
 def evaluate_checkpoint(ref: CheckpointRef, data, splits=("val", "test")) -> dict[str, Any]:
-    """predict.evaluate_arrays of the checkpoint on each non-empty split of `data`."""
+    """predict.evaluate_arrays of the checkpoint on each non-empty split of `data`, with the
+    95 % bootstrap interval of accuracy and how many of the split's images the model saw."""
     loaded = load_model(ref.path)
     images = data.images[loaded.image_size]
+    keys = data.keys.get(loaded.image_size)
     out = {}
     for split in splits:
         rows = data.splits[split]
         if len(rows):
-            out[split] = evaluate_arrays(loaded, images[rows], data.labels[rows], data.ages[rows])
+            m = evaluate_arrays(loaded, images[rows], data.labels[rows], data.ages[rows])
+            m["target"] = data.labels[rows]
+            m["accuracy_ci"] = bootstrap(m["pred"], m["target"], accuracy)
+            m["seen_here"] = (int(np.isin(keys[rows], np.fromiter(loaded.seen, dtype=np.int64)).sum())
+                              if loaded.seen is not None and keys is not None else None)
+            out[split] = m
     return out
 
 
@@ -305,6 +313,10 @@ def write_report(
           f"Space `{exp.meta['space']['name']}` ({len(searched)} searched parameters), "
           f"{exp.meta['num_samples']} trials of up to {exp.meta['max_epochs']} epochs. "
           f"Metric **{exp.metric}** ({exp.mode}). Trials: {status_counts(exp)}.")
+    cv = exp.meta.get("cv") or {}
+    if cv.get("folds", 1) > 1:
+        doc.p(f"Validation: each trial trained {cv['folds']} folds of train+val and was scored on their "
+              f"pooled predictions ({cv.get('why', '')}); the test split is in no fold.")
     _best_section(exp, scored, base, searched, top, doc, summary)
     plots = _importance_section(exp, doc, summary, out)
     if exp.trials:
@@ -402,9 +414,22 @@ def _trial_plots(exp: Experiment, frame: pd.DataFrame, scored: pd.DataFrame, bas
 
 def _metrics_rows(named: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     keys = [k for k in METRIC_KEYS + ("loss",) if any(k in m for m in named.values())]
-    return ["model"] + keys + ["images"], [
-        [name] + [fmt_score(m.get(k)) for k in keys] + [str(m["n_images"])] for name, m in named.items()
+    def ci(m: dict[str, Any]) -> str:
+        low, high = m.get("accuracy_ci", (None, None))
+        return "-" if low is None else f"{low:.3f}-{high:.3f}"
+    return ["model"] + keys + ["accuracy 95% interval", "images"], [
+        [name] + [fmt_score(m.get(k)) for k in keys] + [ci(m), str(m["n_images"])] for name, m in named.items()
     ]
+
+
+def _paired_lines(best: dict[str, Any], base: dict[str, Any]) -> str:
+    """Best against the seed baseline on the same images: the paired bootstrap of accuracy."""
+    diff, low, high = paired(best["pred"], base["pred"], best["target"], accuracy)
+    verdict = ("the best model is better on images like these" if low > 0 else
+               "the seed baseline is better on images like these" if high < 0 else
+               "the interval includes 0: on this many images the difference may be noise")
+    return (f"Best minus seed baseline, accuracy on the same {len(best['target'])} test images: "
+            f"{diff:+.4f} (95% paired bootstrap interval {low:+.4f} to {high:+.4f}); {verdict}.")
 
 
 def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) -> list[Path]:
@@ -448,20 +473,28 @@ def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) ->
         doc.p("The search's data has no test split (test_fraction=0).")
     else:
         named = {f"best (trial {ref.trial_id}, epoch {ref.epoch})": test}
+        base_test = None
         if base_ref is not None and base_ref.path != ref.path:
-            named[f"seed baseline (trial {base_ref.trial_id}, epoch {base_ref.epoch})"] = \
-                evaluate_checkpoint(base_ref, data, ("test",))["test"]
+            base_test = evaluate_checkpoint(base_ref, data, ("test",))["test"]
+            named[f"seed baseline (trial {base_ref.trial_id}, epoch {base_ref.epoch})"] = base_test
+        seen = test.get("seen_here")
         doc.p("The test split is used only here, once the search is over: no trial, "
-              "checkpoint choice or ranking has seen it.")
+              "checkpoint choice or ranking has seen it"
+              + (f" ({seen} of its {test['n_images']} images are among the model's training and "
+                 "validation images, checked by their pixels)." if seen is not None else "."))
         header, rows = _metrics_rows(named)
         doc.table(header, rows)
+        if base_test is not None:
+            doc.p(_paired_lines(test, base_test))
+            summary.append(_paired_lines(test, base_test).rstrip("."))
         plots.append(plot_confusion(names, test["confusion"], "Confusion matrix, test split",
                                     out / "confusion_test.png"))
         doc.img(plots[-1], "Confusion matrix of the best model on the test split")
         series["test"] = per_group_accuracy(test["confusion"])
         tcounts = np.asarray(test["confusion"]).sum(1)
         group_rows = [r + [int(c), fmt_score(a)] for r, c, a in zip(group_rows, tcounts, series["test"])]
-        summary.append(f"test split (best model): accuracy {test['accuracy']:.4f}, one_off "
+        low, high = test["accuracy_ci"]
+        summary.append(f"test split (best model): accuracy {test['accuracy']:.4f} [95% {low:.3f}-{high:.3f}], one_off "
                        f"{test['one_off']:.4f}, macro_f1 {test['macro_f1']:.4f}")
     doc.h(3, "Per-group accuracy")
     doc.table(["group", "val images", "val accuracy"] + (["test images", "test accuracy"] if test else []),

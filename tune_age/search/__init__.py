@@ -27,6 +27,7 @@ from ..data import FaceData, load_data
 from ..errors import ConfigError, TuneAgeError
 from ..models import min_image_size
 from ..models.weights import pretrained_state, weights_file
+from ..training.crossval import DEFAULT_FOLDS, MIN_VAL_IMAGES
 from ..training.selection import SCORE_KEY
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
@@ -129,6 +130,17 @@ def pretrained_weights(plan: Plan, weights_dir: str | None) -> dict[str, dict]:
             for arch in plan.space.values("arch") if arch != "cnn"}
 
 
+def choose_folds(search: SearchConfig, data: FaceData) -> tuple[int, str]:
+    """(folds per trial, why), from --cv or, left out, from the size of the validation split."""
+    n_val = len(data.splits["val"])
+    if search.cv is not None:
+        return search.cv, "as --cv asks" if search.cv > 1 else "--cv 1: one train/val split"
+    if n_val < MIN_VAL_IMAGES:
+        return DEFAULT_FOLDS, (f"the validation split holds {n_val} images, fewer than {MIN_VAL_IMAGES}, "
+                               "too few to choose by; --cv 1 turns it off")
+    return 1, f"the validation split holds {n_val} images"
+
+
 def local_resources() -> dict[str, float]:
     """What a local Ray instance will see: every CPU and CUDA GPU of this machine."""
     import torch
@@ -198,7 +210,8 @@ def start_ray(address: str | None) -> None:
                  runtime_env=runtime_env, _system_config={"prestart_worker_first_driver": False})
 
 
-def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData) -> None:
+def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData,
+               cv: dict[str, Any]) -> None:
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     import optuna
     import ray
@@ -224,6 +237,9 @@ def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: Fac
         "data_fingerprint": data.fingerprint,
         "data_source": data.source,
         "native_size": data.native_size,
+        "cv": cv,
+        "split_sizes": {name: int(len(rows)) for name, rows in data.splits.items()},
+        "unevaluated_groups": data.unevaluated,
         "versions": {"tune_age": __version__, "ray": ray.__version__, "optuna": optuna.__version__},
     }
     write_json_atomic(plan.exp_dir / META_FILE, meta)
@@ -273,6 +289,9 @@ def run_search(
                 f"the data of {plan.name!r} changed since the search started ({data.source}); "
                 "resume needs the same files; start a new search for new data"
             )
+    folds, why = choose_folds(search, data)
+    if search.resume:
+        folds, why = meta.get("cv", {}).get("folds", 1), "as the search began"
     import ray
 
     start_ray(search.address)
@@ -284,6 +303,8 @@ def run_search(
     f"{cpus:g} CPU and {gpus:g} GPU per trial")
     slots = trial_slots(cpus, gpus, ray.cluster_resources(), search.max_concurrent)
     say(f"up to {slots} trials at once; experiment: {plan.exp_dir}")
+    say(f"cross-validation: {folds} folds of train+val per trial ({why})" if folds > 1
+        else f"validation: one split ({why})")
     # With a custom searcher Ray starts one trial at a time unless told how many
     # may be pending; a ConcurrencyLimiter would do it too but loses count on restore.
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(slots)
@@ -291,10 +312,10 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog prints progress; verbose=0 silences Ray
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not search.resume:
-        write_meta(plan, search, data_cfg, data)
+        write_meta(plan, search, data_cfg, data, {"folds": folds, "why": why})
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric,
-                             weights=weights),
+                             weights=weights, cv=folds),
         {"cpu": cpus, "gpu": gpus},
     )
     # with_parameters has put the data into Ray's object store, where every trial on this

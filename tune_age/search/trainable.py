@@ -24,6 +24,7 @@ from ..data import FaceData
 from ..training.engine import Diverged
 from .searcher import BASELINE_KEY
 from ..training import checkpoint_state, restore_run, run_epoch, start_run
+from ..training.crossval import cv_checkpoint_state, restore_cv, run_cv_epoch, start_cv
 from ..training.selection import SCORE_KEY, selection_score
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -55,9 +56,10 @@ def _maybe_crash(epoch: int) -> None:
 
 
 def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric: str = "val_acc",
-                weights: dict[str, dict] | None = None) -> None:
+                weights: dict[str, dict] | None = None, cv: int = 1) -> None:
     """One trial; `weights`: arch -> {"state", "id"} of the pretrained bodies the space can ask
-    for, loaded once by the driver (trials never look for weight files)."""
+    for, loaded once by the driver (trials never look for weight files); `cv` > 1 trains that
+    many folds of train+val in lockstep (training/crossval.py) and reports their pooled scores."""
     cfg = trial_config(config, max_epochs)
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
@@ -72,24 +74,30 @@ def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric:
     pretrained = (weights or {}).get(cfg.arch) if cfg.pretrained else None
     if cfg.pretrained and pretrained is None:
         raise RuntimeError(f"the driver loaded no pretrained weights for arch={cfg.arch}")
-    run = start_run(cfg, data, device, *((pretrained["state"], pretrained["id"]) if pretrained else ()))
+    given = (pretrained["state"], pretrained["id"]) if pretrained else ()
+    if cv > 1:
+        run = start_cv(cfg, data, cv, device, *given)
+        step, state_of, restore = run_cv_epoch, cv_checkpoint_state, restore_cv
+    else:
+        run = start_run(cfg, data, device, *given)
+        step, state_of, restore = run_epoch, checkpoint_state, restore_run
     info["features"] = run.feature_source or "none"
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        restore_run(run, state)
+        restore(run, state)
         if run.epoch >= cfg.epochs:  # finished before the driver stopped: nothing to redo
             return
     while run.epoch < cfg.epochs:
         _maybe_crash(run.epoch + 1)
         try:
-            metrics = run_epoch(run)
+            metrics = step(run)
         except Diverged as exc:
             tune.report({**WORST, "epoch": run.epoch + 1, "diverged": True, "error": str(exc), **info})
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(checkpoint_state(run, metrics), Path(folder) / CHECKPOINT_FILE)
+            torch.save(state_of(run, metrics), Path(folder) / CHECKPOINT_FILE)
             # Ray keeps each trial's checkpoints by this score: the epochs the tie rule names
             tune.report(
                 {**_reported(metrics), **info, "diverged": False,

@@ -70,6 +70,7 @@ class Run:
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     feature_source: str | None = None  # frozen-feature runs: "computed" or "cached"
+    seen: np.ndarray | None = None  # image keys of the train and val images (data.image_keys)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -186,6 +187,7 @@ def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = No
         fingerprint=data.fingerprint,
         tensors=tensors,
         feature_source=feature_source,
+        seen=data.seen_keys(image_size),
     )
 
 
@@ -223,6 +225,7 @@ def run_epoch(run: Run) -> dict[str, Any]:
         "val_f1": val["macro_f1"],
         "val_balanced_acc": val["balanced_accuracy"],
         "val_mae": val["mae"],
+        "val_n": len(t["val_y"]),  # what the validation figures rest on
         "val_confusion": val["confusion"],
     }
     run.history.append({k: v for k, v in metrics.items() if k != "val_confusion"})
@@ -251,6 +254,8 @@ def checkpoint_state(run: Run, metrics: dict[str, Any] | None = None) -> dict[st
         "metrics": {k: v for k, v in (metrics or {}).items()},
         "history": run.history,
         "data_fingerprint": run.fingerprint,
+        # What the model saw in training or validation, so evaluate can leave those images out.
+        "seen_images": torch.from_numpy(run.seen) if run.seen is not None else None,
     }
 
 

@@ -289,6 +289,27 @@ def predict_logits(
     return torch.cat(out)
 
 
+def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """accuracy, one_off, macro_f1 and balanced_accuracy of a confusion matrix (rows: truth)."""
+    confusion = torch.as_tensor(confusion).long()
+    num_classes = confusion.shape[0]
+    tp = confusion.diag().float()
+    truth = confusion.sum(1).float()  # rows: true class
+    predicted = confusion.sum(0).float()
+    present = (truth + predicted) > 0
+    f1 = torch.where(present, 2 * tp / (truth + predicted).clamp(min=1), torch.zeros_like(tp))
+    recall = tp / truth.clamp(min=1)
+    n = max(int(confusion.sum()), 1)
+    i, j = torch.meshgrid(torch.arange(num_classes), torch.arange(num_classes), indexing="ij")
+    near = confusion[(i - j).abs() <= 1].sum().item()
+    return {
+        "accuracy": (tp.sum() / n).item(),
+        "one_off": near / n,
+        "macro_f1": (f1[present].mean().item() if present.any() else 0.0),
+        "balanced_accuracy": (recall[truth > 0].mean().item() if (truth > 0).any() else 0.0),
+    }
+
+
 def classification_metrics(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -301,13 +322,6 @@ def classification_metrics(
     confusion = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(
         num_classes, num_classes
     )
-    tp = confusion.diag().float()
-    truth = confusion.sum(1).float()  # rows: true class
-    predicted = confusion.sum(0).float()
-    present = (truth + predicted) > 0
-    f1 = torch.where(present, 2 * tp / (truth + predicted).clamp(min=1), torch.zeros_like(tp))
-    recall = tp / truth.clamp(min=1)
-    n = max(len(target), 1)
     mae = None
     if ages is not None and centers is not None:
         ages = ages.cpu().float()
@@ -315,14 +329,7 @@ def classification_metrics(
         if known.any():
             guess = torch.tensor(centers, dtype=torch.float32)[pred]
             mae = (guess[known] - ages[known]).abs().mean().item()
-    return {
-        "accuracy": (tp.sum() / n).item(),
-        "one_off": ((pred - target).abs() <= 1).float().sum().item() / n,
-        "macro_f1": (f1[present].mean().item() if present.any() else 0.0),
-        "balanced_accuracy": (recall[truth > 0].mean().item() if (truth > 0).any() else 0.0),
-        "mae": mae,
-        "confusion": confusion.tolist(),
-    }
+    return {**confusion_metrics(confusion), "mae": mae, "confusion": confusion.tolist()}
 
 
 @torch.no_grad()
@@ -344,5 +351,6 @@ def evaluate(
     target = labels.to(logits.device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     loss = loss_fn(logits, target).item() if len(target) else float("nan")
-    metrics = classification_metrics(logits.argmax(1), target, num_classes, ages, centers)
-    return {"loss": loss, **metrics}
+    pred = logits.argmax(1)
+    metrics = classification_metrics(pred, target, num_classes, ages, centers)
+    return {"loss": loss, **metrics, "pred": pred.cpu()}
