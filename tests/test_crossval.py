@@ -69,9 +69,18 @@ def test_a_small_validation_split_gets_cross_validation_by_itself(tmp_path):
         assert any(line.startswith("best searched trial val_acc") for line in summary)
     else:
         assert any(line.startswith("lead over the seed baseline") for line in summary)
-    # The export of a cross-validated trial is a working model (its first fold's).
-    run_cli("export", str(tmp_path / "cv"), "--out", str(tmp_path / "best.pt"))
-    state = load_model(tmp_path / "best.pt")
-    assert state.kind == "export"
+    # The export of a cross-validated trial is a working model (its first fold's), and says so.
+    proc = run_cli("export", str(tmp_path / "cv"), "--out", str(tmp_path / "best.pt"))
+    assert "cross-validated 5 folds; this is its first fold's model" in proc.stdout
+    assert load_model(tmp_path / "best.pt").kind == "export"
+    # --refit: the configuration retrained on train+val, scored once on the test split.
+    proc = run_cli("export", str(tmp_path / "cv"), "--out", str(tmp_path / "refit.pt"), "--refit")
+    pooled = sizes["train"] + sizes["val"]
+    assert f"retrained on train+val ({pooled} images)" in proc.stdout
+    assert f"test split ({sizes['test']} images, scored once)" in proc.stdout
+    refit = load_model(tmp_path / "refit.pt")
+    assert refit.provenance["refit"]["images"] == pooled and len(refit.seen) <= pooled
+    faces = load_experiment(tmp_path / "cv").meta["data_source"]
+    assert "synthetic" in faces
     meta = json.loads((tmp_path / "cv" / "tune_age.json").read_text())
     assert meta["cv"]["why"].startswith("the validation split holds")

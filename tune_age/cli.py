@@ -222,8 +222,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .results.export import export_best
 
-    result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
-                         torchscript=args.torchscript)
+    with _quiet_data_logs(args):
+        result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
+                             torchscript=args.torchscript, refit=args.refit)
     for line in result.lines():
         print(line)
     return 0
@@ -314,6 +315,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--torchscript", action="store_true",
                    help="also write OUT.torchscript.pt: preprocessing built in, needs only torch")
     p.add_argument("--force", action="store_true", help="replace existing files")
+    p.add_argument("--refit", action="store_true", help="retrain the best configuration on train+val "
+                   "for its best epoch count, score it once on the test split, and export that model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="the age group of each image", formatter_class=_Formatter)

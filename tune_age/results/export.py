@@ -289,15 +289,28 @@ class ExportResult:
     sha256: str
     torchscript: Path | None = None
     not_kept: str | None = None  # a better epoch that result.json reports but Ray did not keep
+    refit: dict[str, Any] | None = None  # test metrics of the model retrained on train+val
+    folds: int | None = None  # the trial cross-validated this many folds (without --refit)
 
     def lines(self) -> list[str]:
+        from .intervals import wilson
+
         value = self.checkpoint.value(self.metric)
         base = " (the seed baseline)" if self.checkpoint.baseline else ""
         out = [
             f"best checkpoint: trial {self.checkpoint.trial_id}{base}, epoch {self.checkpoint.epoch}, "
             f"{self.metric} {value:.4f}",
-            f"wrote {self.path} (sha256 {self.sha256[:16]}...)",
         ]
+        if self.refit:
+            r = self.refit
+            low, high = wilson(r["test_acc"], int(r["test_n"]))
+            out.append(f"refit: its configuration retrained on train+val ({r['n_train']} images) for "
+                       f"{self.checkpoint.epoch} epochs; test split ({r['test_n']} images, scored once): "
+                       f"accuracy {r['test_acc']:.4f} [95% {low:.3f}-{high:.3f}], one_off {r['test_one_off']:.4f}")
+        elif self.folds:
+            out.append(f"note: the trial cross-validated {self.folds} folds; this is its first fold's model "
+                       f"(trained on {self.folds - 1}/{self.folds} of train+val); --refit trains one on all of it")
+        out.append(f"wrote {self.path} (sha256 {self.sha256[:16]}...)")
         if self.torchscript:
             out.append(f"wrote {self.torchscript} (TorchScript with preprocessing; needs only torch)")
         if self.not_kept:
@@ -333,8 +346,10 @@ def export_best(
     metric: str | None = None,
     force: bool = False,
     torchscript: bool = False,
+    refit: bool = False,
 ) -> ExportResult:
-    """Writes the best checkpoint of the experiment as one verified file (see the module doc)."""
+    """Writes the best checkpoint of the experiment as one verified file (see the module doc);
+    with `refit`, the best configuration retrained on train+val instead (results/refit.py)."""
     out = Path(out).expanduser()
     targets = [out] + ([torchscript_path(out)] if torchscript else [])
     for target in targets:
@@ -346,6 +361,12 @@ def export_best(
     metric = metric or exp.metric
     ref = best_checkpoint(exp, metric)
     state = read_artifact(ref.path)
+    folds = state.get("cv_folds")
+    refit_test = None
+    if refit:
+        from .refit import refit as retrain
+
+        state, refit_test = retrain(exp, exp.trials.get(ref.trial_id), epochs=ref.epoch)
     payload = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -367,6 +388,10 @@ def export_best(
             "checkpoint": str(ref.path.relative_to(exp.path)),
             "selected_by": {"metric": metric, "mode": METRICS[metric], "value": ref.value(metric)},
             "pretrained": _pretrained_note(state["config"]),
+            "refit": ({"trained_on": "train+val", "images": refit_test["n_train"], "epochs": ref.epoch,
+                       "test": {k: v for k, v in refit_test.items() if not isinstance(v, list)}}
+                      if refit_test else None),
+            "cv_folds": folds,
             "data_fingerprint": state.get("data_fingerprint"),
             "data_source": exp.meta.get("data_source"),
             "data_config": exp.meta.get("data"),
@@ -381,7 +406,7 @@ def export_best(
     script = _write_torchscript(loaded, torchscript_path(out)) if torchscript else None
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
     return ExportResult(out, ref, metric, payload["sha256"], script,
-                        better_epoch_not_kept(exp, ref, metric))
+                        better_epoch_not_kept(exp, ref, metric), refit_test, None if refit else folds)
 
 
 def _pretrained_note(config: dict[str, Any]) -> str | None:
