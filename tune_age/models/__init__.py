@@ -31,9 +31,11 @@ def min_image_size(cfg: TrainConfig) -> int:
     return 2**cfg.conv_layers if cfg.arch == "cnn" else BACKBONES[cfg.arch].min_size
 
 
-def build_model(cfg: TrainConfig, num_classes: int, image_size: int, weights: dict | None = None) -> Staged:
-    """The network for `cfg`, its body loaded from `weights` (a state dict) when given; raises
-    ConfigError when the image is too small for it."""
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int, weights: dict | None = None,
+                groups=None) -> Staged:
+    """The network for `cfg`, its body loaded from `weights` (a state dict) when given; `groups`
+    (AgeGroups) where the head maps ages to groups (age_head). Raises ConfigError when the image
+    is too small for it."""
     if image_size < min_image_size(cfg):
         raise ConfigError(
             f"image_size={image_size} is too small for arch={cfg.arch}"
@@ -41,7 +43,7 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int, weights: di
                if cfg.arch == "cnn" else "; use ")
             + f"image_size >= {min_image_size(cfg)}"
         )
-    model = BACKBONES[cfg.arch].build(cfg, num_classes, image_size, weights)
+    model = BACKBONES[cfg.arch].build(cfg, num_classes, image_size, weights, groups)
     apply_freeze(model, cfg, epoch=0)
     return model
 

@@ -77,7 +77,7 @@ class Pretrained(Staged):
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    build: Callable[[TrainConfig, int, int, dict | None], nn.Module]
+    build: Callable[[TrainConfig, int, int, dict | None, Any], nn.Module]
     width: int | None  # pooled features; None: depends on the config (cnn)
     input_size: int | None  # the side its pretrained weights were trained at
     mean: tuple[float, float, float] | None  # normalization of its pretrained weights, 0-1 units
@@ -98,7 +98,7 @@ def _body_of(model: nn.Module, name: str) -> tuple[list[nn.Module], int]:
 
 
 def _torchvision(name: str) -> Callable:
-    def build(cfg: TrainConfig, num_classes: int, image_size: int, state: dict | None) -> nn.Module:
+    def build(cfg: TrainConfig, num_classes: int, image_size: int, state: dict | None, groups=None) -> nn.Module:
         import torchvision
 
         model = torchvision.models.get_model(name, weights=None)
@@ -109,15 +109,24 @@ def _torchvision(name: str) -> Callable:
     return build
 
 
-def _face_resnet(cfg: TrainConfig, num_classes: int, image_size: int, state: dict | None) -> nn.Module:
+def _face_resnet(cfg: TrainConfig, num_classes: int, image_size: int, state: dict | None,
+                 groups=None) -> nn.Module:
     body = face_resnet.FaceResNet()
     if state is not None:
         body.load_state_dict(state)
     stem = nn.Sequential(body.stem, nn.ReLU(), nn.MaxPool2d(3, 2))
-    return Pretrained([stem, *body.blocks], face_resnet.FEATURES, num_classes, cfg.dropout)
+    net = Pretrained([stem, *body.blocks], face_resnet.FEATURES, num_classes, cfg.dropout)
+    if cfg.age_head:
+        if groups is None or len(groups) != num_classes:
+            raise ValueError("age_head=true needs the age groups to build its head")
+        head = face_resnet.AgeGroupHead(face_resnet.AGES, [groups.index_of_age(a) for a in face_resnet.AGES],
+                                        num_classes)
+        head.ages.load_state_dict(body.age_head.state_dict())  # pretrained, or random like the body
+        net.classifier = nn.Sequential(nn.Dropout(cfg.dropout), head)
+    return net
 
 
-def _cnn(cfg: TrainConfig, num_classes: int, image_size: int, state: dict | None) -> nn.Module:
+def _cnn(cfg: TrainConfig, num_classes: int, image_size: int, state: dict | None, groups=None) -> nn.Module:
     from .cnn import AgeCNN
 
     return AgeCNN(cfg, num_classes, image_size)

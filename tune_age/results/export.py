@@ -256,7 +256,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         groups = groups_from_dict(state["groups"])
         # The weights come from the file: never download pretrained ones to build the network.
         model = build_model(cfg.replace(pretrained=False, freeze="none", warmup_epochs=0), len(groups),
-                            int(state["image_size"]))
+                            int(state["image_size"]), groups=groups)
         model.load_state_dict(state["model"], strict=True)
     except (ConfigError, RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -149,7 +149,8 @@ def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = No
     if cfg.pretrained and weights is None:
         weights, weights_id = pretrained_state(cfg.arch, weights_dir), weights_file(cfg.arch)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(data.groups), image_size, weights if cfg.pretrained else None).to(device)
+    model = build_model(cfg, len(data.groups), image_size, weights if cfg.pretrained else None,
+                        data.groups).to(device)
     if device.type == "cpu":
         # oneDNN's convolutions and pooling run faster on NHWC: 1.2-1.5x for the default CNN at
         # one thread (benchmarks/throughput.py); a checkpoint's weights load into either layout.
