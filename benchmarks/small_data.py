@@ -22,7 +22,7 @@ Then the speed of frozen-feature trials against fine-tuning trials of the same b
 (face_resnet, 1,000 images, one thread each as a trial gets): trials per minute of each.
 
     python benchmarks/small_data.py                  # sizes 70 300 1000, 3-minute searches (~30 min)
-    python benchmarks/small_data.py --sizes 70 --budget 1 --unseen 300    # a quick look
+    python benchmarks/small_data.py --quick          # 70 images, 1-minute searches, 300 unseen
 
 Targets: on 70 and 300 images the small search beats the linear probe and beats the scratch
 search by at least 0.15 accuracy; frozen-feature trials run at least 20x as many per minute.
@@ -53,7 +53,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--unseen", type=int, default=1000, help="unseen photos from FairFace's val split")
     p.add_argument("--budget", type=float, default=3.0, help="minutes per search")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="70 images, 1-minute searches, 300 unseen photos")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.budget, args.unseen = [70], 1.0, 300
+    return args
 
 
 def link_folder(dest: Path, rows: pd.DataFrame) -> Path:

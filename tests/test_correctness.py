@@ -98,7 +98,7 @@ def test_class_weights_balance_the_groups_that_exist():
     loss_fn(logits, labels).backward()
     # Each present group pulls with the same total force; the empty group with none of its own.
     pull = -logits.grad[torch.arange(400), labels]
-    assert pull[:300].sum() == pytest.approx(pull[300:].sum(), rel=1e-5)
+    assert pull[:300].sum().item() == pytest.approx(pull[300:].sum().item(), rel=1e-5)
     unweighted = engine.build_loss(TrainConfig(), counts)
     assert unweighted(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1])).item() == pytest.approx(np.log(3))
 
