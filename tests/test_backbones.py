@@ -13,7 +13,7 @@ import torch
 from tune_age.config import TrainConfig
 from tune_age.errors import ConfigError
 from tune_age.models import BACKBONES, apply_freeze, build_model, frozen_stages
-from tune_age.models.weights import pretrained_state, weights_file
+from tune_age.models.weights import pretrained_state, weights_digest, weights_file
 from tune_age.training import engine
 
 
@@ -168,3 +168,21 @@ def test_the_age_head_starts_at_the_face_networks_own_answer():
         assert torch.allclose(model(x).softmax(1), expected, atol=1e-5)
     with pytest.raises(ConfigError, match="age_head=true is the face network's own age head"):
         TrainConfig(arch="resnet18", age_head=True)
+
+
+def test_other_weights_never_reuse_cached_features(tmp_path, monkeypatch):
+    import torchvision
+
+    from test_correctness import fake_data
+    from tune_age.training import start_run
+
+    monkeypatch.setenv("TUNE_AGE_CACHE", str(tmp_path))
+    data = fake_data(40, size=32)
+    cfg = TrainConfig(arch="mobilenet_v3_small", pretrained=True, freeze="head_only", flip=False,
+                      image_size=32, device="cpu")
+    sources = []
+    for seed in (0, 0, 1):  # the same weights twice, then others (same file name, other values)
+        torch.manual_seed(seed)
+        state = torchvision.models.get_model("mobilenet_v3_small", weights=None).state_dict()
+        sources.append(start_run(cfg, data, weights=state, weights_id=weights_digest(state)).feature_source)
+    assert sources == ["computed", "cached", "computed"]

@@ -14,6 +14,7 @@ A missing file is a one-line error naming the file, the folders searched and how
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -62,3 +63,14 @@ def pretrained_state(arch: str, weights_dir: str | Path | None = None) -> dict[s
     except Exception as exc:
         raise ConfigError(f"{found}: not a readable weights file ({type(exc).__name__}); "
                           "remove it and fetch it again") from None
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A sha256 of a state dict's names and values: what the frozen-feature cache is keyed by,
+    so that another file under the same name can never serve stale features."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -26,7 +26,7 @@ from ..config import DataConfig, SearchConfig, TrainConfig
 from ..data import FaceData, load_data
 from ..errors import ConfigError, TuneAgeError
 from ..models import min_image_size
-from ..models.weights import pretrained_state, weights_file
+from ..models.weights import pretrained_state, weights_digest
 from ..training.crossval import DEFAULT_FOLDS, MIN_VAL_IMAGES
 from ..training.selection import SCORE_KEY
 from .searcher import BASELINE_KEY
@@ -122,12 +122,12 @@ def check_plan(plan: Plan, data: FaceData) -> None:
 
 
 def pretrained_weights(plan: Plan, weights_dir: str | None) -> dict[str, dict]:
-    """arch -> {"state": state dict, "id": file name} for every pretrained body the space can
+    """arch -> {"state": state dict, "id": its digest} for every pretrained body the space can
     ask for, found on disk here in the driver (a missing file fails before any trial)."""
     if True not in plan.space.values("pretrained"):
         return {}
-    return {arch: {"state": pretrained_state(arch, weights_dir), "id": weights_file(arch)}
-            for arch in plan.space.values("arch") if arch != "cnn"}
+    states = {arch: pretrained_state(arch, weights_dir) for arch in plan.space.values("arch") if arch != "cnn"}
+    return {arch: {"state": state, "id": weights_digest(state)} for arch, state in states.items()}
 
 
 def choose_folds(search: SearchConfig, data: FaceData) -> tuple[int, str]:

@@ -29,7 +29,7 @@ from ..config import TrainConfig
 from ..data import FaceData
 from ..data.groups import AgeGroups
 from ..models import BACKBONES, apply_freeze, build_model
-from ..models.weights import pretrained_state, weights_file
+from ..models.weights import pretrained_state, weights_digest
 from .features import feature_key, frozen_features, uses_frozen_features
 from .selection import best_row
 
@@ -143,11 +143,12 @@ def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = No
     """Builds everything one training run needs; no epoch is run yet. With cfg.pretrained the
     body starts from `weights` (a state dict; a search's driver hands them to its trials), or
     else from the file models/weights.py finds (in `weights_dir` or torchvision's cache);
-    `weights_id` names them in the frozen-feature cache key."""
+    `weights_id` (models.weights.weights_digest) keys their frozen features in the cache."""
     device = device or engine.resolve_device(cfg.device)
     image_size = data.resolve_size(cfg.image_size)
     if cfg.pretrained and weights is None:
-        weights, weights_id = pretrained_state(cfg.arch, weights_dir), weights_file(cfg.arch)
+        weights = pretrained_state(cfg.arch, weights_dir)
+        weights_id = weights_digest(weights)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, len(data.groups), image_size, weights if cfg.pretrained else None,
                         data.groups).to(device)
@@ -161,14 +162,18 @@ def start_run(cfg: TrainConfig, data: FaceData, device: torch.device | None = No
     generator = torch.Generator().manual_seed(cfg.seed)
     mean, std = input_norm(cfg, data)
     norm = engine.Normalizer(mean, std, device)
-    tensors = split_tensors(data, image_size, device)
+    frozen = uses_frozen_features(cfg)
+    # A frozen-feature run trains on features, so its images need not move to the device.
+    tensors = split_tensors(data, image_size, torch.device("cpu") if frozen else device)
     feature_source = None
-    if uses_frozen_features(cfg):
+    if frozen:
         key = feature_key(cfg.arch, weights_id, image_size, mean, std, data.fingerprint)
         feats, feature_source = frozen_features(model, as_tensor(data.images[image_size]), norm, key)
         feats = torch.from_numpy(feats)
         for split in ("train", "val"):
             tensors[f"{split}_x"] = feats[torch.as_tensor(data.splits[split])].to(device)
+            tensors[f"{split}_y"] = tensors[f"{split}_y"].to(device)
+            tensors[f"{split}_age"] = tensors[f"{split}_age"].to(device)
     return Run(
         cfg=cfg,
         model=model,
