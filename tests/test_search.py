@@ -46,6 +46,11 @@ def test_small_search_results_checkpoints_and_study_agree(small_search):
         assert frozen.state == STATE_OF[entry["status"]], (entry["status"], frozen.state)
         lines = result_lines(exp.trial_dir(entry))
         assert [r["epoch"] for r in lines] == list(range(1, entry["epochs"] + 1))
+        # The study holds what the trial measured, every epoch, the one ASHA stopped it on too.
+        measured = {r["epoch"]: pytest.approx(r["val_acc"]) for r in lines}
+        assert frozen.intermediate_values == measured, entry["trial_id"]
+        assert {e: pytest.approx(v) for e, v, _ in entry["scores"]} == frozen.intermediate_values
+        assert frozen.datetime_start < frozen.datetime_complete
         if entry["status"] == "completed":
             assert entry["epochs"] == 3
             assert frozen.value == pytest.approx(lines[-1]["val_acc"])
@@ -58,7 +63,10 @@ def test_small_search_results_checkpoints_and_study_agree(small_search):
             state = torch.load(path, weights_only=True)
             assert state["config"]["batch_size"] == entry["config"]["batch_size"]
             assert state["metrics"]["val_acc"] == pytest.approx(lines[state["epoch"] - 1]["val_acc"])
-    assert by_ray_id[baselines[0]["trial_id"]].user_attrs.get("baseline") is True
+    baseline = by_ray_id[baselines[0]["trial_id"]]
+    assert baseline.user_attrs.get("baseline") is True and baseline.params == {}
+    assert baseline.user_attrs["config"] == {k: v for k, v in baselines[0]["config"].items() if k != "_baseline"}
+    assert "early-stopped" in {e["status"] for e in exp.trials.values()}  # ASHA stopped one: the case that matters
     assert (small_search / "split.csv").is_file()
     meta = json.loads((small_search / "tune_age.json").read_text())
     assert meta["num_samples"] == 4 and meta["max_epochs"] == 3 and meta["space"]["name"] == "quick"

@@ -1,16 +1,21 @@
 """`StudySearch`: Ray Tune's OptunaSearch, made right for tune_age's searches.
 
-Three things differ from the stock searcher:
-- a trial the scheduler stopped early (fewer epochs than the budget) is told to
-  the study as PRUNED, a diverged one as FAIL; stock Ray records both as
-  COMPLETE with a partial-budget score, which misleads TPE;
-- the seed baseline runs first as a full configuration outside the space and
-  enters the study as a trial with the user attribute `baseline`;
-- after `Tuner.restore`, the study is reloaded from its SQLite file and
-  reconciled with the restored searcher state, so trials that finished after the
-  last experiment checkpoint are not told again (stock Ray raises
-  `UpdateFinishedTrialError` there) and trials asked for but never started are
-  closed as FAIL.
+What differs from the stock searcher:
+- the study holds what the trials measured: each epoch's value is an intermediate value at
+  that epoch, the last one included. Ray passes the result on which the scheduler stops a
+  trial to `on_trial_complete` only (tune_controller: "Only updating search alg if the trial
+  is not to be stopped"), so it is reported there before the trial is told;
+- a trial the scheduler stopped early (fewer epochs than the budget) is told to the study as
+  PRUNED, a diverged one as FAIL; stock Ray records both as COMPLETE with a partial-budget
+  score, which misleads TPE;
+- the seed baseline runs first as a full configuration outside the space: a study trial
+  asked for like any other but with no sampled parameters (TPE learns nothing from it), its
+  configuration in the user attribute `config`, `baseline` true, its epochs as intermediate
+  values and its real start and end;
+- after `Tuner.restore`, the study is reloaded from its SQLite file and reconciled with the
+  restored searcher state, so trials that finished after the last experiment checkpoint are
+  not told again (stock Ray raises `UpdateFinishedTrialError` there) and trials asked for but
+  never started are closed as FAIL.
 Every study trial carries the user attribute `ray_trial_id`.
 """
 
@@ -72,38 +77,40 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._baseline is not None and self._baseline_trial in (None, trial_id):
-            self._baseline_trial = trial_id
+            if self._baseline_trial is None:
+                self._baseline_trial = trial_id
+                trial = self._ot_trials[trial_id] = self._ot_study.ask()
+                trial.set_user_attr("baseline", True)
+                trial.set_user_attr("config", {k: v for k, v in self._baseline.items() if k != BASELINE_KEY})
+                trial.set_user_attr("ray_trial_id", trial_id)
             return dict(self._baseline)
         config = super().suggest(trial_id)
         self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id == self._baseline_trial or trial_id in self._completed_trials:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict | None) -> None:
+        """The result's value at its epoch (tune_age's own count, which a restored trial
+        continues), once per epoch; diverged results carry no value."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or not result or result.get("diverged") or result.get(self.metric) is None:
             return
-        if result.get("diverged") or self.metric not in result:
-            return
-        super().on_trial_result(trial_id, result)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+            ot_trial.report(float(result[self.metric]), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             return
         self._completed_trials.add(trial_id)
-        state, value = self._outcome(result, error)
-        if trial_id == self._baseline_trial:
-            self._ot_study.add_trial(
-                optuna.trial.create_trial(
-                    state=state,
-                    value=value,
-                    params={},
-                    distributions={},
-                    user_attrs={"ray_trial_id": trial_id, "baseline": True},
-                )
-            )
-            return
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return
+        self._report(trial_id, result)
+        state, value = self._outcome(result, error)
         if result and result.get("diverged"):
             ot_trial.set_user_attr("diverged", True)
         try:
@@ -140,9 +147,7 @@ class StudySearch(OptunaSearch):
             else:
                 self._ot_trials[ray_id] = optuna.trial.Trial(study, old._trial_id)
         for t in stored.values():
-            if t.user_attrs.get("baseline") and t.user_attrs.get("ray_trial_id") == self._baseline_trial:
-                self._completed_trials.add(self._baseline_trial)
-            elif t.state in (TrialState.RUNNING, TrialState.WAITING) and t._trial_id not in known:
+            if t.state in (TrialState.RUNNING, TrialState.WAITING) and t._trial_id not in known:
                 # Asked for after the last experiment checkpoint: Ray will never run it.
                 study.tell(t.number, state=TrialState.FAIL)
                 log.info("closed study trial %d, which was never started before the restart", t.number)
