@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from tune_age.cli import main
+from tune_age.results import load_experiment
 from tune_age.search.tracking import FINAL, read_trials
 
 from conftest import SMALL_N, run_cli
@@ -69,6 +70,8 @@ def test_ctrl_c_then_sigkill_then_resume_completes_without_rerunning(tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130, log.read_text()
     assert f"tune-age search --name resumable --storage {tmp_path} --resume" in log.read_text()
+    statuses = {t["status"] for t in read_trials(exp / "trials.jsonl").values()}
+    assert "interrupted" in statuses and not statuses & {"running", "pending"}, statuses
 
     # SIGKILL of the resumed driver once it has finished two more trials.
     before = len(finished(exp))
@@ -78,6 +81,9 @@ def test_ctrl_c_then_sigkill_then_resume_completes_without_rerunning(tmp_path):
     done_before_kill = finished(exp)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    # Nothing runs now: the trials it was running read as interrupted, not running.
+    statuses = {t["status"] for t in load_experiment(exp).trials.values()}
+    assert not statuses & {"running", "pending", "retrying"}, statuses
 
     proc = run_cli("search", "--storage", str(tmp_path), "--name", "resumable", "--resume")
     assert f"trials: {NUM_SAMPLES}" in proc.stdout or "lost" in proc.stdout, proc.stdout

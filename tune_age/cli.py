@@ -122,8 +122,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         cv=args.cv,
     )
     exp_dir, _ = experiment_dir(search)
+    fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path"}
+    given = frozenset(fields.get(dest, dest) for dest in args.given)
     try:
-        run_search(search, _data_config(args))
+        run_search(search, _data_config(args), given=given)
     except (KeyboardInterrupt, SearchInterrupted):
         print(f"\ninterrupted; the search state is saved. Resume with:\n  {resume_command(search)}")
         return EXIT_INTERRUPTED
@@ -366,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="run a hyperparameter search with Ray Tune and Optuna",
-                       formatter_class=_Formatter)
+                       formatter_class=_Formatter, allow_abbrev=False)  # flags given are checked on --resume
     _data_args(p)
     p.add_argument("--space", default="quick", help="a built-in space name or a YAML path")
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's)")
@@ -428,6 +430,9 @@ def _setup_logging(verbose: bool) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The options given on the command line, not by default (argparse cannot tell them apart).
+    args.given = {t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv)
+                  if t.startswith("--")}
     saved = _setup_logging(args.verbose)
     try:
         return args.func(args)

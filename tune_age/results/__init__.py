@@ -27,6 +27,7 @@ import pandas as pd
 from ..config import METRICS, TrainConfig
 from ..errors import ConfigError, TuneAgeError
 from ..search import META_FILE, STUDY_FILE
+from ..search.lock import driver_alive
 from ..search.tracking import FINAL, TRIALS_FILE, UNFINISHED, read_trials
 
 FAILED = ("errored", "diverged")
@@ -97,20 +98,8 @@ class Experiment:
         return [name for name, spec in params.items() if isinstance(spec, dict)]
 
     def finished(self) -> bool:
-        """No trial runs or waits, and the search has ended: as many trials as asked for,
-        or some were stopped by the time budget (or lost), or the budget has run out."""
-        if any(t["status"] in UNFINISHED for t in self.trials.values()):
-            return False
-        if len(self.trials) >= int(self.meta.get("num_samples") or 0):
-            return True
-        if any(t["status"] in ("stopped", "lost") for t in self.trials.values()):
-            return True
-        budget = (self.meta.get("search") or {}).get("time_budget_min")
-        try:
-            started = time.mktime(time.strptime(self.meta.get("created", ""), "%Y-%m-%d %H:%M:%S"))
-        except ValueError:
-            return False
-        return bool(budget) and time.time() > started + budget * 60
+        """The search has ended, done or not: no driver runs it (search/lock.py)."""
+        return not driver_alive(self.path)
 
     def history(self, entry: dict[str, Any]) -> list[dict[str, Any]]:
         """Every result the trial reported (one per epoch), oldest first; [] before the first.
@@ -204,7 +193,12 @@ def load_experiment(path: str | Path) -> Experiment:
     except json.JSONDecodeError as exc:
         raise TuneAgeError(f"{path / META_FILE}: not valid JSON ({exc.msg}, line {exc.lineno}); "
                            "the file was damaged or edited by hand") from None
-    return Experiment(path, meta, read_trials(path / TRIALS_FILE), source)
+    trials = read_trials(path / TRIALS_FILE)
+    if not driver_alive(path):  # the driver died (SIGKILL, a lost node) with trials running
+        for entry in trials.values():
+            if entry["status"] in UNFINISHED:
+                entry["status"] = "interrupted"
+    return Experiment(path, meta, trials, source)
 
 
 # --- the trials table ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..models import min_image_size
 from ..models.weights import pretrained_state, weights_digest
 from ..training.crossval import DEFAULT_FOLDS, MIN_VAL_IMAGES
 from ..training.selection import SCORE_KEY
+from .lock import LOCK_FILE, DriverLock
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
 from .tracking import FINAL, TRIALS_FILE, TrialLog, read_trials, write_json_atomic
@@ -72,20 +73,24 @@ def experiment_dir(search: SearchConfig) -> tuple[Path, str]:
     return storage / name, name
 
 
+def _check_resumable(exp_dir: Path, name: str) -> None:
+    if not (exp_dir / META_FILE).is_file():
+        raise TuneAgeError(
+            f"cannot resume {name!r}: {exp_dir} holds no tune_age search; "
+            "check --name and --storage, or start a new search without --resume"
+        )
+
+
 def make_plan(search: SearchConfig) -> Plan:
     exp_dir, name = experiment_dir(search)
     if search.resume:
-        if not (exp_dir / META_FILE).is_file():
-            raise TuneAgeError(
-                f"cannot resume {name!r}: {exp_dir} holds no tune_age search; "
-                "check --name and --storage, or start a new search without --resume"
-            )
+        _check_resumable(exp_dir, name)
         meta = json.loads((exp_dir / META_FILE).read_text())
         space = parse_space(meta["space"]["values"], meta["space"]["source"], meta["space"]["name"])
         baseline = TrainConfig.from_dict(meta["baseline"]) if meta.get("baseline") else None
         return Plan(exp_dir, name, space, meta["num_samples"], meta["max_epochs"],
                     meta["grace_period"], meta["reduction_factor"], baseline)
-    if exp_dir.exists() and any(exp_dir.iterdir()):
+    if exp_dir.exists() and any(p.name != LOCK_FILE for p in exp_dir.iterdir()):
         raise TuneAgeError(
             f"experiment {name!r} already exists in {exp_dir.parent}; add --resume to continue it "
             "or choose another --name (tune_age never overwrites a search)"
@@ -169,12 +174,51 @@ def plan_resources(search: SearchConfig, cluster: dict[str, float]) -> tuple[flo
 
 
 class BaselineFullBudgetASHA(ASHAScheduler):
-    """ASHA that never stops the seed baseline early, so it is compared at the full budget.
+    """ASHA that never stops the seed baseline early, so it is compared at the full budget,
+    and that decides after a restart as if there had been none.
 
     The baseline's results still count at every rung: it sets the bar others must pass.
+    Ray restores the scheduler as it was built, with empty rungs (so after a restart the first
+    trial to reach each rung would always go on); the first time this scheduler sees a trial
+    in a driver, it fills its rungs from the trial log, which has every epoch's value.
     """
 
+    def __init__(self, *args: Any, trial_log: str | Path | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._trial_log = str(trial_log) if trial_log else None
+        self._remembered = False
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._remembered = False  # a new driver: the rungs are to be rebuilt
+
+    def remember(self, trials: dict[str, dict]) -> int:
+        """Records each logged trial's value at each rung milestone it reached, as ASHA would
+        have; returns how many values it recorded."""
+        count = 0
+        for entry in trials.values():
+            values = {int(epoch): value for epoch, value, _ in entry.get("scores", [])}
+            for bracket in self._brackets:
+                for milestone, recorded in bracket._rungs:
+                    if milestone in values and entry["trial_id"] not in recorded:
+                        recorded[entry["trial_id"]] = self._metric_op * values[milestone]
+                        count += 1
+        return count
+
+    def _remember_once(self) -> None:
+        if not self._remembered:
+            self._remembered = True
+            if self._trial_log:
+                count = self.remember(read_trials(Path(self._trial_log)))
+                if count:
+                    log.info("ASHA: %d rung values restored from the trial log", count)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._remember_once()
+        super().on_trial_add(tune_controller, trial)
+
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._remember_once()
         decision = super().on_trial_result(tune_controller, trial, result)
         return self.CONTINUE if trial.config.get(BASELINE_KEY) else decision
 
@@ -261,25 +305,41 @@ def run_search(
     search: SearchConfig,
     data_cfg: DataConfig,
     progress: bool = True,
+    given: frozenset[str] = frozenset(),
 ) -> Path:
-    """Runs (or resumes) a search; returns the experiment folder."""
+    """Runs (or resumes) a search; returns the experiment folder. `given`: the SearchConfig
+    and DataConfig fields the user set explicitly (the CLI's flags), checked on a resume
+    against the search's own even where they equal the defaults."""
+    exp_dir, name = experiment_dir(search)
+    if search.resume:
+        _check_resumable(exp_dir, name)  # before the lock, which would make the folder
+    with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
+        if lock.took_over:
+            logging.getLogger("tune_age.progress").info(lock.took_over)
+        return _run(make_plan(search), search, data_cfg, progress, given, lock)
+
+
+def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
+         given: frozenset[str], lock: DriverLock) -> Path:
+    """The search, under the experiment's driver lock."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from .searcher import StudySearch
+    from .searcher import CountedSearch, StudySearch
     from .trainable import train_trial
 
-    plan = make_plan(search)
     if not search.address and not search.resume:
         import ray
 
         if not ray.is_initialized():
             plan_resources(search, local_resources())  # fail before decoding and Ray when we can
+    meta = None
     if search.resume:
         meta = json.loads((plan.exp_dir / META_FILE).read_text())
-        search = SearchConfig.from_dict({**meta["search"], "resume": True,
-                                         "address": search.address, "storage": search.storage})
-        data_cfg = DataConfig.from_dict(meta["data"])
+        asked = search.num_samples
+        search, data_cfg = resumed_settings(meta, search, data_cfg, given)
+        if asked and asked > plan.num_samples:
+            plan.num_samples = asked  # --resume --num-samples N grows the search
     weights = pretrained_weights(plan, search.weights_dir)
     data = load_data(data_cfg, image_sizes(plan), progress=progress)
     check_plan(plan, data)
@@ -294,6 +354,9 @@ def run_search(
         folds, why = meta.get("cv", {}).get("folds", 1), "as the search began"
     import ray
 
+    if meta is not None and plan.num_samples > meta["num_samples"]:
+        write_json_atomic(plan.exp_dir / META_FILE, {**meta, "num_samples": plan.num_samples})
+    used_before = float((meta or {}).get("time_used_s", 0.0))
     start_ray(search.address)
     cpus, gpus = plan_resources(search, ray.cluster_resources())
     say = logging.getLogger("tune_age.progress").info
@@ -313,6 +376,7 @@ def run_search(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not search.resume:
         write_meta(plan, search, data_cfg, data, {"folds": folds, "why": why})
+    lock.on_beat = lambda elapsed: _record_time(plan.exp_dir, used_before + elapsed)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric,
                              weights=weights, cv=folds),
@@ -350,8 +414,9 @@ def run_search(
             baseline=plan.baseline.to_dict() if plan.baseline else None,
         )
         scheduler = (
-            BaselineFullBudgetASHA(time_attr="training_iteration", max_t=plan.max_epochs,
-                                   grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+            BaselineFullBudgetASHA(time_attr="epoch", max_t=plan.max_epochs,
+                                   grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
+                                   trial_log=plan.exp_dir / TRIALS_FILE)
             if search.scheduler == "asha" else FIFOScheduler()
         )
         tuner = tune.Tuner(
@@ -359,7 +424,7 @@ def run_search(
             tune_config=tune.TuneConfig(
                 metric=search.metric,
                 mode=search.mode,
-                search_alg=searcher,
+                search_alg=CountedSearch(searcher, plan.exp_dir / META_FILE),
                 scheduler=scheduler,
                 num_samples=plan.num_samples,
                 max_concurrent_trials=search.max_concurrent,
@@ -370,18 +435,28 @@ def run_search(
             ),
             run_config=run_config,
         )
-    started = time.time()
     tuner.fit()
-    finish_statuses(plan, search, time.time() - started)
+    lock.beat()
+    finish_statuses(plan, search, used_before + time.time() - lock.started)
     return plan.exp_dir
+
+
+def _record_time(exp_dir: Path, used_s: float) -> None:
+    """The driver's time on this search, all runs together: what a time budget is against."""
+    meta = json.loads((exp_dir / META_FILE).read_text())
+    write_json_atomic(exp_dir / META_FILE, {**meta, "time_used_s": round(used_s, 1)})
 
 
 class SearchInterrupted(Exception):
     """The search stopped before all its trials ended (Ctrl-C); its state is saved."""
 
 
-def finish_statuses(plan: Plan, search: SearchConfig, elapsed_s: float) -> None:
-    """After Tuner.fit: an unfinished trial means an interrupt, unless the time budget ran out."""
+def finish_statuses(plan: Plan, search: SearchConfig, used_s: float) -> None:
+    """After Tuner.fit: an unfinished trial means an interrupt, unless the time budget (against
+    the time of every run of this search, `used_s`) ran out; budget-stopped trials are told to
+    the study as pruned at their last epoch, interrupted ones stay running there, to resume."""
+    from .searcher import close_trials
+
     path = plan.exp_dir / TRIALS_FILE
     trials = read_trials(path)
     unfinished = [t for t in trials.values() if t["status"] not in FINAL]
@@ -391,11 +466,58 @@ def finish_statuses(plan: Plan, search: SearchConfig, elapsed_s: float) -> None:
         if unfinished:
             write_json_atomic(path, trials)
         return
-    if search.time_budget_min and elapsed_s >= search.time_budget_min * 60:
+    if search.time_budget_min and used_s >= search.time_budget_min * 60 - BUDGET_SLACK_S:
         for t in unfinished:
             t["status"] = "stopped"
         write_json_atomic(path, trials)
+        close_trials(plan.exp_dir / STUDY_FILE, plan.name, unfinished)
         logging.getLogger("tune_age.progress").info(
             "time budget of %g min used up; %d trial(s) stopped", search.time_budget_min, len(unfinished))
         return
+    for t in unfinished:
+        t["status"] = "interrupted"
+    write_json_atomic(path, trials)
     raise SearchInterrupted(plan.name)
+
+
+# Ray's stopper and our heartbeat (lock.HEARTBEAT_S) each lose a few seconds of a killed
+# driver's time: a search within this of its budget has used it up.
+BUDGET_SLACK_S = 10.0
+KEPT_ON_RESUME = ("name", "storage", "address", "resume", "num_samples", "weights_dir", "cache_dir")
+FLAGS = {"time_budget_min": "--time-budget", "baseline_first": "--no-baseline", "path": "--data"}
+
+
+def resumed_settings(meta: dict, search: SearchConfig, data_cfg: DataConfig,
+                     given: frozenset[str] = frozenset()) -> tuple[SearchConfig, DataConfig]:
+    """The search's own settings for a resume. A setting this command gives (by flag, or by a
+    value other than the default) that differs from the search's is a ConfigError naming both;
+    --num-samples may only grow the search; where to find Ray, results and weights may change."""
+    own = SearchConfig.from_dict({**meta["search"], "resume": True, "address": search.address,
+                                  "storage": search.storage, "weights_dir": search.weights_dir})
+    own_data = DataConfig.from_dict(meta["data"])
+    resolved = {"max_epochs": meta["max_epochs"], "num_samples": meta["num_samples"]}
+    for mine, theirs, default in ((search, own, SearchConfig()), (data_cfg, own_data, DataConfig())):
+        for name, value in mine.to_dict().items():
+            if name not in given and value == getattr(default, name):
+                continue
+            before = resolved.get(name, getattr(theirs, name)) if mine is search else getattr(theirs, name)
+            flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+            if name == "baseline_first":
+                value, before = ("on", "off") if value else ("off", "on")  # the seed baseline
+            if name == "num_samples" and value is not None and value < before:
+                raise ConfigError(f"--num-samples {value}: {meta['name']!r} already has {before} trials; "
+                                  "a resumed search can grow (a larger --num-samples), not shrink")
+            if name in KEPT_ON_RESUME or _same(name, value, before):
+                continue
+            raise ConfigError(
+                f"{flag} {value}: {meta['name']!r} was started with {flag} {before}; a resumed search "
+                "keeps the settings it began with (leave the option out, or start a new search "
+                "under another --name)"
+            )
+    return own, own_data
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name == "path" and a is not None and b is not None:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b

@@ -21,12 +21,14 @@ Every study trial carries the user attribute `ray_trial_id`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from .spaces import Space
@@ -151,3 +153,42 @@ class StudySearch(OptunaSearch):
                 # Asked for after the last experiment checkpoint: Ray will never run it.
                 study.tell(t.number, state=TrialState.FAIL)
                 log.info("closed study trial %d, which was never started before the restart", t.number)
+
+
+def close_trials(study_path: str | Path, study_name: str, entries: list[dict]) -> None:
+    """Tells the study about trials Ray stopped without telling the searcher (the time budget
+    ran out while they ran): pruned at their last epoch, with every epoch they reported, or
+    failed where they reported none; trials asked for that never started fail too (the
+    search is over). `entries` are trial-log entries (tracking.py)."""
+    study = optuna.load_study(study_name=study_name, storage=study_url(study_path))
+    by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in study.get_trials(deepcopy=False)
+                 if not t.state.is_finished()}
+    for entry in entries:
+        frozen = by_ray_id.get(entry["trial_id"])
+        if frozen is None:
+            continue
+        trial = optuna.trial.Trial(study, frozen._trial_id)
+        for epoch, value, _ in entry.get("scores", []):
+            if epoch not in frozen.intermediate_values:
+                trial.report(float(value), int(epoch))
+        trial.set_user_attr("stopped_by", "time budget")
+        study.tell(trial, state=TrialState.PRUNED if entry.get("scores") else TrialState.FAIL)
+        del by_ray_id[entry["trial_id"]]
+    for frozen in by_ray_id.values():
+        study.tell(frozen.number, state=TrialState.FAIL)
+
+
+class CountedSearch(SearchGenerator):
+    """Ray's wrapper of a searcher, with the number of trials read from the experiment's own
+    settings (`tune_age.json`'s `num_samples`) whenever Ray restores it, so that
+    `--resume --num-samples N` grows a search: stock Ray restores the count it began with."""
+
+    def __init__(self, searcher: StudySearch, meta_path: str | Path):
+        super().__init__(searcher)
+        self._meta_path = str(meta_path)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        wanted = int(json.loads(Path(self._meta_path).read_text())["num_samples"])
+        if wanted > self._total_samples:
+            self._total_samples = wanted
