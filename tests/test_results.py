@@ -223,7 +223,7 @@ def test_report_holds_the_numbers_of_the_search(small_search, tmp_path, capsys, 
     assert ".png\"" not in page  # every image is embedded, none linked
     # Importance: a table, or a sentence saying there were too few completed trials.
     section = md.split("## Parameter importance")[1].split("##")[0]
-    assert "| parameter | importance |" in section or "Too few completed trials" in section
+    assert "| parameter | importance |" in section or "Too few trials" in section
     # Validation and test metrics of the best checkpoint, recomputed from the rebuilt split.
     ref = best_checkpoint(exp)
     loaded = load_model(ref.path)
@@ -240,27 +240,49 @@ def test_report_holds_the_numbers_of_the_search(small_search, tmp_path, capsys, 
     assert "## Seed reruns" in md and f"{rerun['configs'][0]['mean']:.4f}" in md
 
 
-def study_with(tmp_path: Path, completed: int) -> Path:
-    exp = fake_experiment(tmp_path / f"imp{completed}", {})
+def study_with(tmp_path: Path, n: int) -> Path:
+    """n search trials over 3 epochs (ASHA rungs at 1 and 3): where lr is off by more than a
+    decade from 0.01 the trial is poor at epoch 1 and pruned there; the others complete, their
+    final value set by conv_layers. Over completed trials only, lr would look unimportant."""
+    exp = fake_experiment(tmp_path / f"imp{n}", {})
+    meta = json.loads((exp / "tune_age.json").read_text())
+    (exp / "tune_age.json").write_text(json.dumps({**meta, "grace_period": 1, "reduction_factor": 3}))
     study = optuna.create_study(study_name=exp.name, storage=f"sqlite:///{exp / 'study.db'}",
-                                direction="maximize")
+                                direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     rng = np.random.default_rng(0)
-    for _ in range(completed):
+    for _ in range(n):
         trial = study.ask()
-        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-        trial.suggest_int("conv_layers", 1, 4)
-        study.tell(trial, -abs(math.log10(lr) + 2) + 0.01 * rng.random())
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.9,
-                                              params={}, distributions={}, user_attrs={"baseline": True}))
+        lr = trial.suggest_float("lr", 1e-5, 1.0, log=True)
+        layers = trial.suggest_int("conv_layers", 1, 4)
+        if abs(math.log10(lr) + 2) > 1:
+            trial.report(0.1 + 0.01 * rng.random(), 1)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            for epoch in (1, 2, 3):
+                trial.report(0.4 + 0.01 * rng.random(), epoch)
+            study.tell(trial, 0.4 + 0.1 * layers + 0.01 * rng.random())
+    baseline = study.ask()
+    baseline.set_user_attr("baseline", True)
+    baseline.report(0.9, 1)
+    study.tell(baseline, 0.9)
     return exp
 
 
-def test_parameter_importance_or_a_clear_reason(tmp_path):
-    scores, note = param_importance(load_experiment(study_with(tmp_path, 8)))
-    assert set(scores) == {"lr", "conv_layers"} and scores["lr"] > scores["conv_layers"]
-    assert "8 completed search trials" in note
-    scores, note = param_importance(load_experiment(study_with(tmp_path, 2)))
-    assert scores is None and "Too few completed trials" in note and "2 completed" in note
+def test_parameter_importance_counts_pruned_trials_at_a_rung_or_gives_a_clear_reason(tmp_path):
+    exp = study_with(tmp_path, 24)
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in optuna.load_study(
+        study_name=exp.name, storage=f"sqlite:///{exp / 'study.db'}").trials)
+    assert 10 <= 24 - pruned  # enough completed trials that the deepest rung is epoch 3 ...
+    scores, note = param_importance(load_experiment(exp))
+    assert set(scores) == {"lr", "conv_layers"}
+    assert f"From {24 - pruned} search trials at epoch 3" in note  # ... where conv_layers decides
+    assert scores["conv_layers"] > scores["lr"]
+    exp = study_with(tmp_path, 14)  # too few reach epoch 3: epoch 1, pruned trials in, lr decides
+    scores, note = param_importance(load_experiment(exp))
+    assert "From 14 search trials at epoch 1" in note and "later stopped by ASHA" in note, note
+    assert scores["lr"] > scores["conv_layers"]
+    scores, note = param_importance(load_experiment(study_with(tmp_path, 6)))
+    assert scores is None and "at most 6 search trial(s) reached" in note and "at least 10 needed" in note
     damaged = fake_experiment(tmp_path / "damaged", {})
     (damaged / "study.db").write_bytes(b"not a database")
     scores, note = param_importance(load_experiment(damaged))
@@ -508,3 +530,24 @@ def test_render_rejects_an_unknown_format(small_search):
     exp = load_experiment(small_search)
     with pytest.raises(TuneAgeError, match="format 'xml' is not valid"):
         render(exp, trials_table(exp), "xml")
+
+
+def test_the_printed_best_configuration_trains_the_same_model(small_search, tmp_path):
+    """The summary's `train it again` command, run as printed, retraces the best trial."""
+    import shlex
+
+    from tune_age.results import summary_lines
+
+    from conftest import run_cli
+
+    exp = load_experiment(small_search)
+    best = exp.best_trial()
+    command = next(line for line in summary_lines(exp) if line.startswith("train it again: "))
+    args = shlex.split(command.removeprefix("train it again: tune-age "))
+    assert f"epochs={exp.meta['max_epochs']}" in args and f"--synthetic-n" in args
+    proc = run_cli(*args, "--out", str(tmp_path / "again"))
+    trained = {int(line.split()[1]): float(line.split("val_acc ")[1].split()[0])
+               for line in proc.stdout.splitlines() if line.startswith("epoch ")}
+    assert len(trained) == exp.meta["max_epochs"]
+    for row in exp.history(best):  # every epoch the trial ran, to the printed four decimals
+        assert trained[row["epoch"]] == pytest.approx(row["val_acc"], abs=6e-5), (row["epoch"], trained)

@@ -504,7 +504,10 @@ def summary_lines(exp: Experiment) -> list[str]:
         lines.append(f"best {metric}: {text} (trial {best['trial_id']}, epoch {best['best_epoch']}){which}")
         shown = {k: v for k, v in best["config"].items() if not k.startswith("_")}
         shown["epochs"] = exp.meta.get("max_epochs", shown.get("epochs"))  # what the trial trained for
-        lines.append("best configuration: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        lines.append("best configuration: " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        lines.append("train it again: " + train_command(exp, shown))
+        if cv.get("folds", 1) > 1:
+            lines.append(f"  (train scores one train/val split; the search scored {cv['folds']} folds pooled)")
     else:
         lines.append("no trial finished with a score")
     if base:
@@ -534,5 +537,34 @@ def summary_lines(exp: Experiment) -> list[str]:
 
 
 def _fmt(value: Any) -> str:
-    """A value as `tune-age train key=value` takes it back (so not fmt's "yes" or "1.0e-04")."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A value exactly as `tune-age train key=value` reads it back (YAML: a float's exponent
+    needs a mantissa with a point, 1.0e-05, or it reads as text)."""
+    if not isinstance(value, float):
+        return str(value)
+    text = repr(value)
+    if "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def train_command(exp: Experiment, values: dict[str, Any]) -> str:
+    """`tune-age train` on the search's data and split with these values."""
+    import shlex
+
+    from ..config import DataConfig
+
+    data = DataConfig.from_dict(exp.meta.get("data") or {})
+    default = DataConfig()
+    flags = {"path": "--data", "format": "--format", "bins": "--bins", "synthetic_n": "--synthetic-n",
+             "split_seed": "--split-seed", "dedupe": "--dedupe"}
+    parts = ["tune-age train"]
+    for name, flag in flags.items():
+        value = getattr(data, name)
+        if value != getattr(default, name) and not (name == "synthetic_n" and data.path):
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    weights_dir = (exp.meta.get("search") or {}).get("weights_dir")
+    if weights_dir:
+        parts.append(f"--weights-dir {shlex.quote(weights_dir)}")
+    parts += [shlex.quote(f"{k}={_fmt(v)}") for k, v in values.items()]
+    return " ".join(parts)

@@ -51,7 +51,7 @@ from ..search import SPLIT_FILE
 progress = logging.getLogger("tune_age.progress")
 
 RERUN_FILE = "rerun.json"
-MIN_IMPORTANCE_TRIALS = 3  # fewer completed trials make any importance estimate noise
+MIN_IMPORTANCE_TRIALS = 10  # fewer trials at one epoch make any importance ranking noise
 CURVES = 5  # trials in the learning-curve plot
 # The search metric's name in what predict.evaluate_arrays returns (training.run_epoch's renaming).
 _RECOMPUTED = {"val_acc": "accuracy", "val_one_off": "one_off", "val_f1": "macro_f1",
@@ -119,8 +119,24 @@ def _inline(text: str) -> str:
 # --- parameter importance --------------------------------------------------------------------
 
 
+def rung_epochs(exp: Experiment) -> list[int]:
+    """The epochs at which ASHA compares trials (its rungs), deepest first, and the last epoch."""
+    top = int(exp.meta.get("max_epochs") or 1)
+    grace, factor = int(exp.meta.get("grace_period") or 1), float(exp.meta.get("reduction_factor") or 3)
+    rungs, epoch = {top}, grace
+    while epoch < top:
+        rungs.add(int(epoch))
+        epoch *= factor
+    return sorted(rungs, reverse=True)
+
+
 def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
-    """(importances, a sentence for the report); None with the reason when it cannot be had."""
+    """(importances, a sentence for the report); None with the reason when it cannot be had.
+
+    Over the trials at the deepest rung that at least MIN_IMPORTANCE_TRIALS search trials
+    reached, pruned ones included, each scored by its value at that epoch: over completed
+    trials only, a parameter that gets trials pruned (a learning rate too high) would look
+    unimportant."""
     if not exp.study_path.is_file():
         return None, f"No Optuna study ({exp.study_path.name}) in the experiment folder."
     import optuna
@@ -132,26 +148,35 @@ def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     except Exception as exc:  # a damaged study.db, or one of another search
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
         return None, f"The Optuna study {exp.study_path.name} could not be read: {why}"
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.params and not t.user_attrs.get("baseline")]
-    if len(done) < MIN_IMPORTANCE_TRIALS:
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if t.params and not t.user_attrs.get("baseline")]
+    reached = {epoch: [t for t in trials if epoch in t.intermediate_values] for epoch in rung_epochs(exp)}
+    epoch = next((e for e, ts in reached.items() if len(ts) >= MIN_IMPORTANCE_TRIALS), None)
+    if epoch is None:
+        most = max((len(ts) for ts in reached.values()), default=0)
         return None, (
-            f"Too few completed trials to estimate parameter importance: {len(done)} completed "
-            f"search trial(s), at least {MIN_IMPORTANCE_TRIALS} needed (trials stopped early by "
-            "ASHA and the seed baseline do not count). Run more trials (`--num-samples`)."
+            f"Too few trials to estimate parameter importance: at most {most} search trial(s) reached "
+            f"any of the epochs where ASHA compares them ({', '.join(map(str, sorted(reached)))}), at "
+            f"least {MIN_IMPORTANCE_TRIALS} needed. Run more trials (`--num-samples`)."
         )
+    scored = reached[epoch]
     copy = optuna.create_study(direction=study.direction)
-    copy.add_trials(done)
+    copy.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                               value=t.intermediate_values[epoch]) for t in scored])
+    # PED-ANOVA (Optuna's default) compares the top share of trials with all: at least 3 of them.
+    quantile = max(0.1, 3 / len(scored))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            importances = optuna.importance.get_param_importances(copy)
+            importances = optuna.importance.get_param_importances(
+                copy, evaluator=optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile))
     except Exception as exc:  # e.g. conditional parameters present in too few trials
         return None, f"Parameter importance could not be computed: {exc}"
+    pruned = sum(t.state == TrialState.PRUNED for t in scored)
     return dict(importances), (
-        f"From `optuna.importance.get_param_importances` (Optuna's default evaluator) on "
-        f"{len(done)} completed search trials of the stored study; each trial's objective is "
-        f"the {exp.metric} it finished with. With few trials these are rough."
+        f"From {len(scored)} search trials at epoch {epoch} ({pruned} of them later stopped by ASHA), "
+        f"each scored by its {exp.metric} at that epoch; PED-ANOVA (Optuna's default evaluator) "
+        f"comparing the top {quantile:.0%} with all. With few trials these are rough."
     )
 
 
@@ -381,7 +406,8 @@ def _importance_section(exp: Experiment, doc: Doc, summary: list[str], out: Path
     png = plot_importance(importances, out / "importance.png")
     doc.img(png, "Parameter importance")
     top3 = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.items())[:3])
-    summary.append(f"most important: {top3}")
+    basis = note.split(" (")[0].replace("From ", "")  # "N search trials at epoch E"
+    summary.append(f"most important ({basis}): {top3}")
     return [png]
 
 
