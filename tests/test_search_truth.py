@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -162,3 +163,90 @@ def test_asha_after_a_restart_stops_a_trial_below_a_rung_it_had_already_set(tmp_
                                    grace_period=1, reduction_factor=3)
     fresh.on_trial_add(None, slow)
     assert fresh.on_trial_result(None, slow, {"epoch": 3, "val_acc": 0.55}) == "CONTINUE"
+
+
+def test_warm_start_seeds_the_study_with_the_trials_that_fit(local_ray, tmp_path, capsys):
+    common = ["search", "--synthetic-n", str(SMALL_N), "--storage", str(tmp_path), "--cv", "1",
+              "--max-epochs", "2", "--space", "quick"]
+    assert main([*common, "--name", "a", "--num-samples", "4"]) == 0
+    old = study_of(load_experiment(tmp_path / "a"))
+    searched = [t for t in old.trials if not t.user_attrs.get("baseline")]
+    capsys.readouterr()
+
+    assert main([*common, "--name", "b", "--num-samples", "2", "--warm-start", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert f"warm start: {len(searched)} trial(s) from {tmp_path / 'a'} (left out: 1 the seed baseline)" in out
+    exp = load_experiment(tmp_path / "b")
+    assert len(exp.trials) == 2 and exp.meta["warm_start"]["trials"] == len(searched)
+    study = study_of(exp)
+    warm = [t for t in study.trials if "warm_start_from" in t.user_attrs]
+    assert len(warm) == len(searched)
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in searched}
+    for t in warm:  # what the earlier trials measured, at the same epochs, in the same state
+        before = by_id[t.user_attrs["warm_start_trial"]]
+        assert t.params == before.params and t.intermediate_values == before.intermediate_values
+        assert t.state == before.state and t.value == before.value
+    assert len(study.trials) == len(warm) + 2  # its own two: the seed baseline and one trial
+
+    # A space that cannot have produced them takes none, and says why.
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text((Path(__file__).parents[1] / "search_spaces" / "quick.yaml").read_text()
+                      .replace("lr: {loguniform: [1.0e-3, 1.0e-2]}", "lr: {loguniform: [0.5, 1.0]}"))
+    assert main([*common[:-1], str(narrow), "--name", "c", "--num-samples", "1", "--no-baseline",
+                 "--warm-start", str(tmp_path / "a")]) == 0
+    assert f"warm start: 0 trial(s) from {tmp_path / 'a'} (left out: {len(searched)} values outside the new space; 1 the seed baseline)" in capsys.readouterr().out
+    assert main([*common, "--name", "d", "--warm-start", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--warm-start {tmp_path}: not a tune_age search folder" in err[0]
+
+
+def test_accuracy_against_latency_search_front_and_pick(local_ray, tmp_path, capsys):
+    assert main(["search", "--synthetic-n", str(SMALL_N), "--space", "quick", "--max-epochs", "2",
+                 "--num-samples", "4", "--storage", str(tmp_path), "--name", "fast", "--cv", "1",
+                 "--objectives", "val_acc,latency_ms"]) == 0
+    out = capsys.readouterr().out
+    exp = load_experiment(tmp_path / "fast")
+    assert exp.meta["objectives"] == ["val_acc", "latency_ms"] and "Pareto front (val_acc against latency_ms" in out
+    study = study_of(exp)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    by_ray_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    for trial_id, entry in exp.trials.items():
+        last = entry["last"]
+        assert last["latency_ms"] > 0 and last["latency64_ms"] > last["latency_ms"] and last["params"] > 0
+        rows = [json.loads(x) for x in (exp.trial_dir(entry) / "result.json").read_text().splitlines() if x]
+        frozen = by_ray_id[trial_id]
+        # Optuna refuses intermediate values here: each epoch's are a user attribute, all of them.
+        assert frozen.user_attrs["epoch_values"] == {
+            str(r["epoch"]): [pytest.approx(r["val_acc"]), pytest.approx(r["latency_ms"])] for r in rows}
+        if frozen.state == TrialState.COMPLETE:
+            assert frozen.values == [pytest.approx(rows[-1]["val_acc"]), pytest.approx(rows[-1]["latency_ms"])]
+
+    from tune_age.results import pareto_front
+
+    front = pareto_front(exp)
+    assert front
+    for a in front:  # no trial beats a front trial on both
+        for b in exp.trials.values():
+            assert not (b["best"] > a["best"] and b["last"]["latency_ms"] < a["last"]["latency_ms"])
+
+    fastest = min(exp.trials.values(), key=lambda e: e["last"]["latency_ms"])
+    limit = fastest["last"]["latency_ms"]
+    assert main(["export", str(tmp_path / "fast"), "--pick", f"latency_ms<={limit}",
+                 "--out", str(tmp_path / "fast.pt")]) == 0
+    assert f"trial {fastest['trial_id']}" in capsys.readouterr().out
+    provenance = torch_load(tmp_path / "fast.pt")["provenance"]
+    assert provenance["trial_id"] == fastest["trial_id"] and provenance["selected_by"]["pick"] == f"latency_ms<={limit}"
+    assert main(["export", str(tmp_path / "fast"), "--pick", "latency_ms<=0", "--out", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pick 'latency_ms<=0': no trial qualifies; the closest is trial" in err[0]
+    assert not (tmp_path / "none.pt").exists()
+
+    assert main(["report", str(tmp_path / "fast"), "--no-eval"]) == 0
+    report = (tmp_path / "fast" / "report" / "report.md").read_text()
+    assert "## Accuracy against latency_ms" in report and (tmp_path / "fast" / "report" / "pareto.png").is_file()
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, weights_only=False)

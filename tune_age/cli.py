@@ -113,13 +113,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import SearchInterrupted, experiment_dir, run_search
 
     search = _as_flags(SearchConfig, {"time_budget_min": "time_budget"})(
-        space=args.space, num_samples=args.num_samples, metric=args.metric, max_epochs=args.max_epochs,
+        space=args.space, num_samples=args.num_samples, max_epochs=args.max_epochs,
+        metric=args.objectives.split(",")[0].strip() if args.objectives and "metric" not in args.given
+        else args.metric,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, address=args.address, storage=args.storage,
         time_budget_min=args.time_budget, name=args.name or time.strftime("search-%Y%m%d-%H%M%S"),
         resume=args.resume, seed=args.seed, scheduler=args.scheduler, searcher=args.searcher,
         baseline_first=not args.no_baseline, max_failures=args.max_failures, weights_dir=args.weights_dir,
-        cv=args.cv,
+        cv=args.cv, warm_start=args.warm_start, objectives=args.objectives,
     )
     exp_dir, _ = experiment_dir(search)
     fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path"}
@@ -226,7 +228,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with _quiet_data_logs(args):
         result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
-                             torchscript=args.torchscript, refit=args.refit)
+                             torchscript=args.torchscript, refit=args.refit, pick=args.pick)
     for line in result.lines():
         print(line)
     return 0
@@ -319,6 +321,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.add_argument("--refit", action="store_true", help="retrain the best configuration on train+val "
                    "for its best epoch count, score it once on the test split, and export that model")
+    p.add_argument("--pick", metavar="RULE", help='the most accurate trial that meets a constraint, '
+                   'such as "latency_ms<=5" (latency_ms, latency64_ms, params or the metric)')
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="the age group of each image", formatter_class=_Formatter)
@@ -395,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=int, help="train K folds of train+val in each trial and score their "
                    "pooled predictions (default: 5 when the validation split holds fewer than 200 "
                    "images, else 1; --cv 1: one split)")
+    p.add_argument("--objectives", help="a multi-objective search: the metric, then latency_ms, "
+                   "latency64_ms (batch 64) or params, comma-separated, e.g. val_acc,latency_ms; each "
+                   "trial times its model on its device; ASHA prunes on the metric")
+    p.add_argument("--warm-start", metavar="EXP", help="seed the new search's study with the trials of "
+                   "an earlier search (its folder) whose configurations fit this space")
     p.set_defaults(func=cmd_search)
     _add_results_commands(sub)
     return parser

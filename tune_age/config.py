@@ -270,6 +270,9 @@ class DataConfig(_Config):
             )
 
 
+MEASURES = ("latency_ms", "latency64_ms", "params")  # training/latency.py; all better smaller
+
+
 @dataclass
 class SearchConfig(_Config):
     """How one search runs: its space, budget, resources and storage."""
@@ -293,6 +296,8 @@ class SearchConfig(_Config):
     max_failures: int = 2
     weights_dir: Union[str, None] = None  # pretrained weights; default $TUNE_AGE_WEIGHTS, torch's cache
     cv: Union[int, None] = None  # folds of train+val per trial; None: 5 when val < 200 images, else 1
+    warm_start: Union[str, None] = None  # an earlier search's folder: its fitting trials seed the study
+    objectives: Union[str, None] = None  # "val_acc,latency_ms": a multi-objective study, the metric first
 
     _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS}
     _ranges = {
@@ -309,6 +314,27 @@ class SearchConfig(_Config):
     @property
     def mode(self) -> str:
         return METRICS[self.metric]
+
+    @property
+    def objective_list(self) -> list[str]:
+        """The study's objectives: the metric, then what --objectives adds (measures)."""
+        return [x.strip() for x in self.objectives.split(",")] if self.objectives else [self.metric]
+
+    def _check(self) -> None:
+        if not self.objectives:
+            return
+        names = self.objective_list
+        valid = ", ".join(MEASURES)
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ConfigError(f"objectives={self.objectives!r}: give the metric and at least one other "
+                              f"objective, each once, such as val_acc,latency_ms ({valid})")
+        if names[0] != self.metric:
+            raise ConfigError(f"objectives={self.objectives!r}: the first objective is the metric "
+                              f"({self.metric}), which ASHA prunes on; put it first")
+        for name in names[1:]:
+            if name not in MEASURES:
+                raise ConfigError(f"objectives={self.objectives!r}: {name!r} is not a measure a trial "
+                                  f"takes; valid: {valid}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from ..config import METRICS, TrainConfig
+from ..config import MEASURES, METRICS, TrainConfig
 from ..errors import ConfigError, TuneAgeError
 from ..search import META_FILE, STUDY_FILE
 from ..search.lock import driver_alive
@@ -128,6 +128,71 @@ def trial_score(exp: Experiment, entry: dict[str, Any]) -> float:
     if entry.get("best_score") is not None:
         return entry["best_score"]
     return direction(exp.metric) * entry["best"] if entry.get("best") is not None else -math.inf
+
+
+def objective_sign(name: str) -> int:
+    """+1 where larger is better, for a metric or a measure."""
+    return -1 if name in MEASURES else direction(name)
+
+
+def objective_values(exp: Experiment, entry: dict[str, Any], objectives: list[str]) -> list[float] | None:
+    """A trial's value of each objective: its best epoch's for the metric, its measured ones
+    for the rest; None when one is missing."""
+    last = entry.get("last") or {}
+    values = [entry.get("best")] + [last.get(name) for name in objectives[1:]]
+    return None if any(v is None for v in values) else [float(v) for v in values]
+
+
+def pareto_front(exp: Experiment) -> list[dict[str, Any]]:
+    """The trials no other trial beats on every objective of a multi-objective search (failed
+    trials left out), best first by the first objective."""
+    objectives = exp.meta.get("objectives") or [exp.metric]
+    scored = []
+    for entry in exp.trials.values():
+        values = objective_values(exp, entry, objectives)
+        if values is not None and entry["status"] not in FAILED:
+            scored.append((entry, [objective_sign(o) * v for o, v in zip(objectives, values)]))
+
+    def dominated(a: list[float]) -> bool:
+        return any(all(x >= y for x, y in zip(b, a)) and b != a for _, b in scored)
+
+    front = [entry for entry, signed in scored if not dominated(signed)]
+    return sorted(front, key=lambda e: -objective_sign(objectives[0]) * e["best"])
+
+
+def pick_trials(exp: Experiment, rule: str) -> set[str]:
+    """The ids of the trials that meet a constraint such as "latency_ms<=5" (a measure or a
+    metric of their best epoch); a TuneAgeError when the rule is malformed or none meets it."""
+    import operator
+    import re
+
+    ops = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+    match = re.fullmatch(r"\s*(\w+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*", rule)
+    if not match:
+        raise TuneAgeError(f"--pick {rule!r}: not a constraint; write NAME<=VALUE (or <, >=, >), "
+                           "for example latency_ms<=5")
+    name, op, raw = match.groups()
+    try:
+        bound = float(raw)
+    except ValueError:
+        raise TuneAgeError(f"--pick {rule!r}: {raw!r} is not a number") from None
+
+    def value(entry: dict[str, Any]) -> float | None:
+        if name == exp.metric:
+            return entry.get("best")
+        return (entry.get("last") or {}).get(name)
+
+    measured = {tid: value(e) for tid, e in exp.trials.items() if e["status"] not in FAILED and value(e) is not None}
+    if not measured:
+        hint = " (search with --objectives val_acc,latency_ms)" if name in MEASURES else ""
+        raise TuneAgeError(f"--pick {rule!r}: no trial of {exp.name!r} measured {name}{hint}; "
+                           f"measures are {', '.join(MEASURES)} and the metric {exp.metric}")
+    chosen = {tid for tid, v in measured.items() if ops[op](v, bound)}
+    if not chosen:
+        closest = min(measured, key=lambda tid: abs(measured[tid] - bound))
+        raise TuneAgeError(f"--pick {rule!r}: no trial qualifies; the closest is trial {closest} with "
+                           f"{name} {measured[closest]:.4g}")
+    return chosen
 
 
 def is_baseline(entry: dict[str, Any]) -> bool:
@@ -462,6 +527,7 @@ def follow(path: str | Path, draw: Callable[[Experiment], str], interval: float 
 
 
 PROPORTIONS = ("val_acc", "val_one_off")  # metrics that are a share of images: Wilson intervals
+PARETO_SHOWN = 8
 
 
 def best_row_of(exp: Experiment, entry: dict[str, Any]) -> dict[str, Any]:
@@ -527,6 +593,19 @@ def summary_lines(exp: Experiment) -> list[str]:
         else:
             lines.append(f"lead over the seed baseline: {lead:+.4f}, within the intervals: it may be "
                          "noise (tune-age report compares the two on the test split)")
+    objectives = exp.meta.get("objectives") or [metric]
+    if len(objectives) > 1:
+        front = pareto_front(exp)
+        lines.append(f"Pareto front ({' against '.join(objectives)}; {len(front)} trial(s), measured on "
+                     "each trial's own device):")
+        for entry in front[:PARETO_SHOWN]:
+            values = objective_values(exp, entry, objectives)
+            lines.append(f"  trial {entry['trial_id']}: " + ", ".join(
+                f"{name} {value:.4g}" for name, value in zip(objectives, values)))
+        if front:
+            second = objective_values(exp, front[-1], objectives)[1]
+            lines.append(f"  export one: tune-age export {exp.path} --pick '{objectives[1]}<={second:.4g}' "
+                         "--out fast.pt")
     for t in exp.failed():
         lines.append(f"trial {t['trial_id']} {t['status']} after {t['attempts']} attempt(s): {last_error(t)}")
     lines.append(f"experiment folder: {exp.path}")

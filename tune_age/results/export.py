@@ -48,7 +48,7 @@ from ..data.preprocess import square_resize
 from ..training.engine import Normalizer, resolve_device
 from ..errors import ArtifactError, ConfigError, TuneAgeError
 from ..models import BACKBONES, build_model
-from . import FAILED, Experiment, is_baseline, load_experiment, status_counts
+from . import FAILED, MEASURES, Experiment, is_baseline, load_experiment, pick_trials, status_counts
 from ..training import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, save_atomic
 from ..training.selection import selection_score
 
@@ -107,17 +107,18 @@ def list_checkpoints(exp: Experiment) -> list[CheckpointRef]:
     return refs
 
 
-def best_checkpoint(exp: Experiment, metric: str | None = None) -> CheckpointRef:
+def best_checkpoint(exp: Experiment, metric: str | None = None, among: set[str] | None = None) -> CheckpointRef:
     """The best model of a search: the checkpoint with the best `metric` (default: the
     search's) over all epochs kept of every trial that did not fail (errored and diverged
     trials are left out; the seed baseline counts), ties as training.selection decides.
     `tune-age export`, the report and the end-of-search summary all mean this one.
-    Raises TuneAgeError when there is none."""
+    `among`: only these trials (export --pick). Raises TuneAgeError when there is none."""
     metric = metric or exp.metric
     if metric not in METRICS:
         raise ConfigError(f"metric {metric!r} is not valid; choose one of {', '.join(METRICS)}")
     failed = {t["trial_id"] for t in exp.trials.values() if t["status"] in FAILED}
-    best = best_of([r for r in list_checkpoints(exp) if r.trial_id not in failed], metric)
+    refs = [r for r in list_checkpoints(exp) if r.trial_id not in failed]
+    best = best_of([r for r in refs if among is None or r.trial_id in among], metric)
     if best is None:
         raise TuneAgeError(
             f"{exp.path}: no completed trial has a checkpoint with a {metric} score "
@@ -347,6 +348,7 @@ def export_best(
     force: bool = False,
     torchscript: bool = False,
     refit: bool = False,
+    pick: str | None = None,
 ) -> ExportResult:
     """Writes the best checkpoint of the experiment as one verified file (see the module doc);
     with `refit`, the best configuration retrained on train+val instead (results/refit.py)."""
@@ -359,7 +361,7 @@ def export_best(
             raise TuneAgeError(f"{target} already exists; choose another --out or add --force to replace it")
     exp = load_experiment(exp_dir)
     metric = metric or exp.metric
-    ref = best_checkpoint(exp, metric)
+    ref = best_checkpoint(exp, metric, pick_trials(exp, pick) if pick else None)
     state = read_artifact(ref.path)
     folds = state.get("cv_folds")
     refit_test = None
@@ -386,7 +388,9 @@ def export_best(
             "baseline": ref.baseline,
             "epoch": ref.epoch,
             "checkpoint": str(ref.path.relative_to(exp.path)),
-            "selected_by": {"metric": metric, "mode": METRICS[metric], "value": ref.value(metric)},
+            "selected_by": {"metric": metric, "mode": METRICS[metric], "value": ref.value(metric),
+                            "pick": pick, "measured": {k: v for k, v in (exp.trials.get(ref.trial_id, {})
+                                                       .get("last") or {}).items() if k in MEASURES}},
             "pretrained": _pretrained_note(state["config"]),
             "refit": ({"trained_on": "train+val", "images": refit_test["n_train"], "epochs": ref.epoch,
                        "test": {k: v for k, v in refit_test.items() if not isinstance(v, list)}}

@@ -171,3 +171,22 @@ def plot_groups(names: list[str], series: dict[str, list[float | None]], file: P
     ax.set(ylabel="accuracy within the group", ylim=(0, 1), title="Per-group accuracy of the best model")
     ax.legend()
     return _save(fig, file)
+
+
+def plot_pareto(exp: Experiment, objectives: list[str], front: list[dict[str, Any]], file: Path) -> Path:
+    """The first objective against the second for every scored trial, the front as a line."""
+    from . import objective_values
+
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    points = [(e, objective_values(exp, e, objectives)) for e in exp.trials.values()
+              if e["status"] not in FAILED]
+    points = [(e, v) for e, v in points if v is not None]
+    ax.scatter([v[1] for _, v in points], [v[0] for _, v in points], s=18, color="0.6", label="trials")
+    ours = sorted((objective_values(exp, e, objectives) for e in front), key=lambda v: v[1])
+    ax.plot([v[1] for v in ours], [v[0] for v in ours], "o-", color="C0", label="Pareto front")
+    ax.set_xlabel(objectives[1])
+    ax.set_ylabel(objectives[0])
+    ax.legend(loc="best")
+    fig.savefig(file)
+    return file

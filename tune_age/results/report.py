@@ -150,7 +150,14 @@ def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
         return None, f"The Optuna study {exp.study_path.name} could not be read: {why}"
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
               if t.params and not t.user_attrs.get("baseline")]
-    reached = {epoch: [t for t in trials if epoch in t.intermediate_values] for epoch in rung_epochs(exp)}
+
+    def value_at(t, epoch: int) -> float | None:  # a multi-objective study: the metric's, from epoch_values
+        if epoch in t.intermediate_values:
+            return t.intermediate_values[epoch]
+        values = t.user_attrs.get("epoch_values", {}).get(str(epoch))
+        return values[0] if values else None
+
+    reached = {epoch: [t for t in trials if value_at(t, epoch) is not None] for epoch in rung_epochs(exp)}
     epoch = next((e for e, ts in reached.items() if len(ts) >= MIN_IMPORTANCE_TRIALS), None)
     if epoch is None:
         most = max((len(ts) for ts in reached.values()), default=0)
@@ -160,9 +167,9 @@ def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
             f"least {MIN_IMPORTANCE_TRIALS} needed. Run more trials (`--num-samples`)."
         )
     scored = reached[epoch]
-    copy = optuna.create_study(direction=study.direction)
+    copy = optuna.create_study(direction=study.directions[0])
     copy.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
-                                               value=t.intermediate_values[epoch]) for t in scored])
+                                               value=value_at(t, epoch)) for t in scored])
     # PED-ANOVA (Optuna's default) compares the top share of trials with all: at least 3 of them.
     quantile = max(0.1, 3 / len(scored))
     try:
@@ -344,6 +351,7 @@ def write_report(
               f"pooled predictions ({cv.get('why', '')}); the test split is in no fold.")
     _best_section(exp, scored, base, searched, top, doc, summary)
     plots = _importance_section(exp, doc, summary, out)
+    plots += _pareto_section(exp, doc, summary, out)
     if exp.trials:
         plots += _trial_plots(exp, frame, scored, base, searched, doc, out)
     if evaluate:
@@ -392,6 +400,28 @@ def _best_section(exp: Experiment, scored: pd.DataFrame, base: pd.DataFrame, sea
                        f"epoch {int(best['best_epoch'])})")
     if not base.empty and pd.notna(base[f"best_{metric}"].iloc[0]):
         summary.append(f"seed baseline {metric}: {base[f'best_{metric}'].iloc[0]:.4f}")
+
+
+def _pareto_section(exp: Experiment, doc: Doc, summary: list[str], out: Path) -> list[Path]:
+    """A multi-objective search: its Pareto front, as a table and a figure."""
+    from . import objective_values, pareto_front
+    from .plots import plot_pareto
+
+    objectives = exp.meta.get("objectives") or [exp.metric]
+    if len(objectives) < 2:
+        return []
+    doc.h(2, "Accuracy against " + ", ".join(objectives[1:]))
+    front = pareto_front(exp)
+    doc.p(f"The trials no other trial beats on every objective: {len(front)} of {len(exp.trials)}. "
+          f"{exp.metric} is the trial's best epoch's; latencies are medians on the trial's own device "
+          "(batch 1 and 64, after warm-up; trials running at once share the machine). "
+          "`tune-age export EXP --pick \"latency_ms<=5\"` exports the most accurate trial within a limit.")
+    doc.table(["trial", *objectives], [[e["trial_id"], *(f"{v:.4g}" for v in objective_values(exp, e, objectives))]
+                                       for e in front])
+    png = plot_pareto(exp, objectives, front, out / "pareto.png")
+    doc.img(png, "Pareto front")
+    summary.append(f"Pareto front: {len(front)} trial(s) over {', '.join(objectives)}")
+    return [png]
 
 
 def _importance_section(exp: Experiment, doc: Doc, summary: list[str], out: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 import os
 import time
 from dataclasses import dataclass
@@ -255,7 +256,7 @@ def start_ray(address: str | None) -> None:
 
 
 def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData,
-               cv: dict[str, Any]) -> None:
+               cv: dict[str, Any], warm_start: dict | None = None) -> None:
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
     import optuna
     import ray
@@ -276,12 +277,14 @@ def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: Fac
         "reduction_factor": plan.reduction_factor,
         "metric": search.metric,
         "mode": search.mode,
+        "objectives": search.objective_list,
         "baseline": plan.baseline.to_dict() if plan.baseline else None,
         "groups": data.groups.to_dict(),
         "data_fingerprint": data.fingerprint,
         "data_source": data.source,
         "native_size": data.native_size,
         "cv": cv,
+        "warm_start": warm_start,  # where the study's first trials came from, when it did
         "split_sizes": {name: int(len(rows)) for name, rows in data.splits.items()},
         "unevaluated_groups": data.unevaluated,
         "versions": {"tune_age": __version__, "ray": ray.__version__, "optuna": optuna.__version__},
@@ -340,6 +343,13 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         search, data_cfg = resumed_settings(meta, search, data_cfg, given)
         if asked and asked > plan.num_samples:
             plan.num_samples = asked  # --resume --num-samples N grows the search
+    warm, warm_note = [], None
+    if search.warm_start and not search.resume:  # a resumed search's study has them already
+        from .warm import describe, warm_trials
+
+        warm, left_out = warm_trials(search.warm_start, plan.space, plan.max_epochs, search.metric)
+        warm_note = {"from": str(Path(search.warm_start).expanduser().resolve()), "trials": len(warm),
+                     "left_out": dict(left_out)}
     weights = pretrained_weights(plan, search.weights_dir)
     data = load_data(data_cfg, image_sizes(plan), progress=progress)
     check_plan(plan, data)
@@ -374,12 +384,14 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our TrialLog prints progress; verbose=0 silences Ray
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if warm_note is not None:
+        say(describe(len(warm), Counter(warm_note["left_out"]), search.warm_start))
     if not search.resume:
-        write_meta(plan, search, data_cfg, data, {"folds": folds, "why": why})
+        write_meta(plan, search, data_cfg, data, {"folds": folds, "why": why}, warm_note)
     lock.on_beat = lambda elapsed: _record_time(plan.exp_dir, used_before + elapsed)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric,
-                             weights=weights, cv=folds),
+                             weights=weights, cv=folds, measure=len(search.objective_list) > 1),
         {"cpu": cpus, "gpu": gpus},
     )
     # with_parameters has put the data into Ray's object store, where every trial on this
@@ -412,6 +424,8 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
             sampler=search.searcher,
             num_samples=plan.num_samples,
             baseline=plan.baseline.to_dict() if plan.baseline else None,
+            warm=warm,
+            objectives=search.objective_list,
         )
         scheduler = (
             BaselineFullBudgetASHA(time_attr="epoch", max_t=plan.max_epochs,

@@ -62,13 +62,18 @@ class StudySearch(OptunaSearch):
         sampler: str = "tpe",
         num_samples: int = 10,
         baseline: dict[str, Any] | None = None,
+        warm: list | None = None,
+        objectives: list[str] | None = None,
     ):
         self._study_url = study_url(study_path)
         startup = max(2, min(10, num_samples // 3))
+        # More than one objective: a multi-objective study (Optuna's TPE handles it), the
+        # metric first; each measure (latency_ms, params) is better smaller.
+        self._objectives = list(objectives) if objectives and len(objectives) > 1 else None
         super().__init__(
             space=space.suggest,
-            metric=metric,
-            mode=mode,
+            metric=self._objectives or metric,
+            mode=[mode] + ["min"] * (len(self._objectives) - 1) if self._objectives else mode,
             sampler=SAMPLERS[sampler](seed, startup),
             study_name=study_name,
             storage=optuna.storages.RDBStorage(self._study_url),
@@ -76,6 +81,8 @@ class StudySearch(OptunaSearch):
         self._max_epochs = max_epochs
         self._baseline = {**baseline, BASELINE_KEY: True} if baseline is not None else None
         self._baseline_trial: str | None = None
+        if warm:  # an earlier search's trials (warm.py): TPE starts from what they measured
+            self._ot_study.add_trials(warm)
 
     def suggest(self, trial_id: str) -> dict | None:
         if self._baseline is not None and self._baseline_trial in (None, trial_id):
@@ -94,15 +101,30 @@ class StudySearch(OptunaSearch):
         if trial_id not in self._completed_trials:
             self._report(trial_id, result)
 
+    def _values(self, result: dict | None) -> list[float] | None:
+        """The objectives' values in a result; None for a diverged or incomplete one."""
+        names = self._objectives or [self.metric]
+        if not result or result.get("diverged") or any(result.get(n) is None for n in names):
+            return None
+        return [float(result[n]) for n in names]
+
     def _report(self, trial_id: str, result: dict | None) -> None:
         """The result's value at its epoch (tune_age's own count, which a restored trial
-        continues), once per epoch; diverged results carry no value."""
+        continues), once per epoch; diverged results carry no value. Optuna refuses
+        intermediate values in multi-objective studies (optuna#3450): there, each epoch's
+        values go to the user attribute `epoch_values` ({epoch: [value per objective]})."""
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or not result or result.get("diverged") or result.get(self.metric) is None:
+        values = self._values(result)
+        if ot_trial is None or values is None:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
-            ot_trial.report(float(result[self.metric]), step)
+        stored = ot_trial.storage.get_trial(ot_trial._trial_id)
+        if self._objectives:
+            by_epoch = dict(stored.user_attrs.get("epoch_values", {}))
+            if str(step) not in by_epoch:
+                ot_trial.set_user_attr("epoch_values", {**by_epoch, str(step): values})
+        elif step not in stored.intermediate_values:
+            ot_trial.report(values[0], step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -120,12 +142,13 @@ class StudySearch(OptunaSearch):
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # told before the driver was restarted; the study already agrees
 
-    def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, float | None]:
-        if error or not result or result.get("diverged") or result.get(self.metric) is None:
+    def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, Any]:
+        values = self._values(result)
+        if error or values is None:
             return TrialState.FAIL, None
         if int(result.get("epoch", 0)) < self._max_epochs:
             return TrialState.PRUNED, None  # optuna keeps its last intermediate value
-        return TrialState.COMPLETE, float(result[self.metric])
+        return TrialState.COMPLETE, values if self._objectives else values[0]
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -169,7 +192,8 @@ def close_trials(study_path: str | Path, study_name: str, entries: list[dict]) -
             continue
         trial = optuna.trial.Trial(study, frozen._trial_id)
         for epoch, value, _ in entry.get("scores", []):
-            if epoch not in frozen.intermediate_values:
+            # (a multi-objective study keeps them in `epoch_values`, already there)
+            if len(study.directions) == 1 and epoch not in frozen.intermediate_values:
                 trial.report(float(value), int(epoch))
         trial.set_user_attr("stopped_by", "time budget")
         study.tell(trial, state=TrialState.PRUNED if entry.get("scores") else TrialState.FAIL)

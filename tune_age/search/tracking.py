@@ -21,6 +21,7 @@ from typing import Any
 
 from ray import tune
 
+from ..config import MEASURES
 from ..training.selection import selection_score
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class TrialLog(tune.Callback):
         value = result.get(self.metric)
         keep = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) or k == "gpu_ids"}
         entry["last"] = {k: keep[k] for k in keep if k.startswith(("val_", "train_")) or k in (
-            "epoch", "images_per_sec", "node_id", "device", "gpu_ids", "diverged", "error", "baseline")}
+            "epoch", "images_per_sec", "node_id", "device", "gpu_ids", "diverged", "error", "baseline",
+            *MEASURES)}
         entry["epochs"] = int(result.get("epoch", entry["epochs"]))
         # A restored trial reports again from the epoch after its checkpoint: what it had
         # reported from there on was lost with the run that reported it.

@@ -24,6 +24,7 @@ from ..data import FaceData
 from ..training.engine import Diverged
 from .searcher import BASELINE_KEY
 from ..training import checkpoint_state, restore_run, run_epoch, start_run
+from ..training.latency import latency
 from ..training.crossval import cv_checkpoint_state, restore_cv, run_cv_epoch, start_cv
 from ..training.selection import SCORE_KEY, selection_score
 
@@ -56,10 +57,12 @@ def _maybe_crash(epoch: int) -> None:
 
 
 def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric: str = "val_acc",
-                weights: dict[str, dict] | None = None, cv: int = 1) -> None:
+                weights: dict[str, dict] | None = None, cv: int = 1, measure: bool = False) -> None:
     """One trial; `weights`: arch -> {"state", "id"} of the pretrained bodies the space can ask
     for, loaded once by the driver (trials never look for weight files); `cv` > 1 trains that
-    many folds of train+val in lockstep (training/crossval.py) and reports their pooled scores."""
+    many folds of train+val in lockstep (training/crossval.py) and reports their pooled scores;
+    `measure`: time the model's inference on this trial's device (training/latency.py) before
+    training and report it with every epoch, for a search of accuracy against latency."""
     cfg = trial_config(config, max_epochs)
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
@@ -82,6 +85,9 @@ def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric:
         run = start_run(cfg, data, device, *given)
         step, state_of, restore = run_epoch, checkpoint_state, restore_run
     info["features"] = run.feature_source or "none"
+    if measure:
+        one = run.runs[0] if cv > 1 else run
+        info.update(latency(one.model, one.image_size, device, one.norm))
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
