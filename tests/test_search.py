@@ -139,3 +139,48 @@ def test_local_ray_gives_trial_workers_their_environment_and_prestarts_none(tmp_
     # glibc reads MALLOC_ARENA_MAX when the process starts: it must be in the exec environment.
     assert "MALLOC_ARENA_MAX=1" in probe["env"] and "PL_DISABLE_FORK=1" in probe["env"]
     assert probe["ours"] > 3 and probe["idle"] == 0  # Ray's processes found, no idle worker among them
+
+
+def test_optuna_dashboard_shows_every_trial_with_its_curve(small_search):
+    """A real optuna-dashboard server on the search's study.db: every trial, the seed baseline
+    included, with its epochs as a curve and its real start and end."""
+    import socket
+    import time
+    import urllib.request
+
+    from tune_age.search.tracking import read_trials
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = "import sys; from optuna_dashboard._cli import main; sys.exit(main())"  # its console script
+    server = subprocess.Popen([sys.executable, "-c", serve, f"sqlite:///{small_search / 'study.db'}",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return json.load(r)
+
+        for _ in range(60):
+            try:
+                studies = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("optuna-dashboard did not answer within 30 s")
+        study = get(f"/api/studies/{studies[0]['study_id']}")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    log = read_trials(small_search / "trials.jsonl")
+    assert len(study["trials"]) == len(log)
+    for t in study["trials"]:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        entry = log[attrs["ray_trial_id"]]
+        curve = {v["step"]: v["value"] for v in t["intermediate_values"]}
+        assert curve == {e: pytest.approx(v) for e, v, _ in entry["scores"]}, entry["trial_id"]
+        assert t["datetime_start"] < t["datetime_complete"]
+    baseline = [t for t in study["trials"] if any(a["key"] == "baseline" for a in t["user_attrs"])]
+    assert len(baseline) == 1 and baseline[0]["state"] == "Complete" and baseline[0]["intermediate_values"]
