@@ -1,12 +1,14 @@
 """`tune-age`: the command line. Argument parsing only; each subcommand calls one library function.
 
     tune-age synth OUT --n 3000 --seed 0
+    tune-age faces PHOTOS OUT [--size 224] [--all-faces]
     tune-age train [--data PATH] [--config FILE.yaml] [--out DIR] [key=value ...]
     tune-age search [--data PATH] [--space quick] [--num-samples N] ...
     tune-age trials EXP [--sort METRIC] [--top N] [--status S] [--format table|csv|markdown|json]
     tune-age report EXP [--out DIR] [--rerun-top K --seeds S]
     tune-age export EXP --out best.pt [--metric M] [--torchscript] [--force]
-    tune-age predict best.pt IMAGE_OR_DIR... [--top 3] [--format table|csv|json]
+    tune-age predict best.pt IMAGE_OR_DIR... [--top 3] [--format table|csv|json] [--detect-faces]
+    tune-age dashboard EXP [--port 8080]
     tune-age evaluate best.pt --data PATH [--format table|json]
 
 Errors the user can fix print one line (`tune-age: error: ...`) and exit 2;
@@ -66,6 +68,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     paths = write_synthetic(out, n=args.n, seed=args.seed, size=args.size)
     print(f"wrote {len(paths)} synthetic faces to {out} in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def cmd_faces(args: argparse.Namespace) -> int:
+    from .data.faces import align_folder
+
+    summary = align_folder(args.src, args.out, size=args.size, padding=args.padding, all_faces=args.all_faces)
+    for line in summary.lines(Path(args.out)):
+        print(line)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .results import load_experiment
+
+    exp = load_experiment(args.exp)
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise TuneAgeError("tune-age dashboard needs optuna-dashboard: pip install optuna-dashboard") from None
+    url = f"sqlite:///{exp.study_path.resolve()}"
+    print(f"optuna-dashboard on {exp.name}'s study: http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    run_server(url, host=args.host, port=args.port)
     return 0
 
 
@@ -237,23 +262,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .results.predict import describe_skipped, prediction_frame, predict
+    from .results.predict import describe_skipped, prediction_frame, predict, predict_faces
 
     with _quiet_data_logs(args):
-        rows, skipped = predict(args.model, args.inputs, top=args.top, device=args.device)
+        run = predict_faces if args.detect_faces else predict
+        rows, skipped = run(args.model, args.inputs, top=args.top, device=args.device)
     if args.format == "json":
         print(json.dumps(rows, indent=1))
     elif args.format == "csv":
         print(prediction_frame(rows).to_csv(index=False), end="")
     else:
         width = max(4, *(len(r["path"]) for r in rows))
-        print(f"{'path':<{width}}  {'group':>6}  {'prob':>5}  top {args.top}")
+        face = "face  box                    " if args.detect_faces else ""
+        print(f"{'path':<{width}}  {face}{'group':>6}  {'prob':>5}  top {args.top}")
         for r in rows:
             tops = ", ".join(f"{t['group']} {t['probability']:.2f}" for t in r["top"])
-            print(f"{r['path']:<{width}}  {r['group']:>6}  {r['probability']:5.2f}  {tops}")
+            where = f"{r['face']:>4}  {' '.join(map(str, r['box'])):<21}  " if args.detect_faces else ""
+            print(f"{r['path']:<{width}}  {where}{r['group']:>6}  {r['probability']:5.2f}  {tops}")
     if skipped:
-        print(f"skipped {len(skipped)} file(s) that could not be read as images "
-              f"(first: {describe_skipped(skipped)})", file=sys.stderr)
+        what = "photo(s) with no face or unreadable" if args.detect_faces else "file(s) that could not be read as images"
+        print(f"skipped {len(skipped)} {what} (first: {describe_skipped(skipped)})", file=sys.stderr)
     return 0
 
 
@@ -279,6 +307,13 @@ def _shown_default(text: str) -> str:
 
 
 def _add_results_commands(sub) -> None:
+    p = sub.add_parser("dashboard", help="optuna-dashboard on an experiment's study (when installed)",
+                       formatter_class=_Formatter)
+    p.add_argument("exp", help="the experiment folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on")
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("trials", help="one row per trial of an experiment (works while it runs)",
                        formatter_class=_Formatter)
     p.add_argument("exp", help="the experiment folder that `tune-age search` printed")
@@ -329,6 +364,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("model", help="an export (tune-age export) or a checkpoint (tune-age train)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--top", type=int, default=3, help="groups listed per image, most likely first")
+    p.add_argument("--detect-faces", action="store_true", help="find and align the faces in each photo "
+                   "and predict each (one row per face, with its box); needs the faces extra")
     p.add_argument("--format", default="table", choices=("table", "csv", "json"), help="output format")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
@@ -346,11 +383,36 @@ def _add_results_commands(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags (a prefix is an error, not a guess), and a mistyped flag gets the
+    subcommand's usage and the nearest real flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments:") and getattr(self, "commands", None):
+            command = next((self.commands[a] for a in getattr(self, "argv", []) if a in self.commands), None)
+            if command is not None:
+                flags = [o for action in command._actions for o in action.option_strings]
+                wrong = message.split(":", 1)[1].split()
+                flag = next((w.split("=")[0] for w in wrong if w.startswith("--")), None)
+                close = difflib.get_close_matches(flag, flags, n=1) if flag else []
+                hint = f"; did you mean {close[0]}?" if close else ""
+                command.print_usage(sys.stderr)
+                self.exit(2, f"{command.prog}: error: {message}{hint}\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tune-age", description=__doc__.split("\n")[0],
-                                     formatter_class=_Formatter)
+    parser = _Parser(prog="tune-age", description="Hyperparameter search for CNNs that tell a "
+                     "person's age group from a face photo.", formatter_class=_Formatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs, Ray's too")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)  # its parsers are _Parser too
+    parser.commands = sub.choices
 
     p = sub.add_parser("synth", help="write built-in synthetic faces as UTKFace-named JPEGs",
                        formatter_class=_Formatter)
@@ -359,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--size", type=int, default=128, help="pixels per side")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("faces", help="aligned face crops of a folder of ordinary photos, labels kept",
+                       formatter_class=_Formatter)
+    p.add_argument("src", help="photos in any layout: UTKFace names, a folder per group, or a CSV")
+    p.add_argument("out", help="a new folder: the crops in the same layout")
+    p.add_argument("--size", type=int, default=224, help="pixels per side of each crop")
+    p.add_argument("--padding", type=float, default=0.2, help="margin around the face, as a share of its size")
+    p.add_argument("--all-faces", action="store_true", help="every face of a photo, not only the largest")
+    p.set_defaults(func=cmd_faces)
 
     p = sub.add_parser("train", help="train one configuration", formatter_class=_Formatter)
     _data_args(p)
@@ -372,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="run a hyperparameter search with Ray Tune and Optuna",
-                       formatter_class=_Formatter, allow_abbrev=False)  # flags given are checked on --resume
+                       formatter_class=_Formatter)
     _data_args(p)
     p.add_argument("--space", default="quick", help="a built-in space name or a YAML path")
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's)")
@@ -438,6 +509,7 @@ def _setup_logging(verbose: bool) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    parser.argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     # The options given on the command line, not by default (argparse cannot tell them apart).
     args.given = {t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv)

@@ -92,11 +92,58 @@ def predict(
     return rows, skipped
 
 
+def predict_faces(
+    model: str | Path | LoadedModel,
+    inputs: list[str | Path],
+    top: int = 3,
+    device: str = "cpu",
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Like `predict`, on the faces found in each photo (data/faces.py): one row per face with
+    its number in the photo (largest first), box and landmarks; a photo with no face, or that
+    cannot be read, is skipped with its reason."""
+    from ..data.faces import FaceAligner, read_rgb
+    from ..data.preprocess import square_resize
+
+    if top < 1:
+        raise ConfigError(f"--top {top} is not valid; give 1 or more")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    aligner = FaceAligner()
+    found, skipped = [], []
+    for file in image_files(inputs):
+        try:
+            faces = aligner.faces(read_rgb(file))
+        except (OSError, ValueError) as exc:
+            skipped.append((str(file), f"unreadable: {exc}"))
+            continue
+        if not faces:
+            skipped.append((str(file), "no face found"))
+        found += [(file, i, face) for i, face in enumerate(faces, 1)]
+    if not found:
+        raise DataError(f"no face found in any of the photos (first: {describe_skipped(skipped)})")
+    chips = torch.from_numpy(np.stack([face.chip for _, _, face in found])).permute(0, 3, 1, 2)
+    images = square_resize(chips, loaded.image_size, loaded.square).to(torch.uint8)  # as decoding does
+    probs = probabilities(loaded, images)
+    k = min(top, len(loaded.groups))
+    values, indices = probs.topk(k, dim=1)
+    names = loaded.groups.names
+    rows = []
+    for (file, number, face), vals, idx in zip(found, values.tolist(), indices.tolist()):
+        rows.append({
+            "path": str(file), "face": number, "box": face.box, "landmarks": face.landmarks,
+            "group": names[idx[0]], "probability": vals[0],
+            "top": [{"group": names[i], "probability": v} for i, v in zip(idx, vals)],
+        })
+    return rows, skipped
+
+
 def prediction_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Flat columns for CSV: path, group, probability, group_1, probability_1, ..."""
     flat = []
     for row in rows:
         item = {"path": row["path"], "group": row["group"], "probability": row["probability"]}
+        if "face" in row:
+            item = {"path": row["path"], "face": row["face"], "box": " ".join(map(str, row["box"])),
+                    "group": row["group"], "probability": row["probability"]}
         for i, t in enumerate(row["top"], 1):
             item[f"group_{i}"], item[f"probability_{i}"] = t["group"], t["probability"]
         flat.append(item)
