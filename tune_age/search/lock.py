@@ -89,6 +89,7 @@ class DriverLock:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "DriverLock":
+        self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -137,3 +138,5 @@ class DriverLock:
         self.beat()
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
+        if self._made_folder and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()  # a search that failed before writing anything leaves nothing
