@@ -45,4 +45,5 @@ def small_search(tmp_path_factory, cache_dir) -> Path:
     )
     exp = storage / "small"
     assert "best val_acc" in proc.stdout, proc.stdout
+    assert "Token authentication is enabled" not in proc.stdout + proc.stderr  # said once in the README, not per search
     return exp

@@ -94,7 +94,7 @@ def test_folders_with_a_wrong_name_list_the_valid_names(tmp_path):
     save(root / "adults" / "b.jpg")
     with pytest.raises(DataError, match=r"adults.*valid: 0-9, 10-19, .*90\+"):
         read_manifest(root, "folders", DECADES)
-    with pytest.raises(DataError, match=r"cannot tell the layout.*adults.*--format"):
+    with pytest.raises(DataError, match=r"cannot tell the layout.*adults.*--layout"):
         read_manifest(root, "auto", DECADES)
 
 
@@ -154,9 +154,9 @@ def test_detection_errors(tmp_path):
     with pytest.raises(DataError, match="no image files found"):
         read_manifest(tmp_path / "docs", "auto", DECADES)
     save(tmp_path / "holiday" / "IMG_0001.jpg")
-    with pytest.raises(DataError, match=r"cannot tell the layout.*utkface.*folders.*csv.*--format"):
+    with pytest.raises(DataError, match=r"cannot tell the layout.*utkface.*folders.*csv.*--layout"):
         read_manifest(tmp_path / "holiday", "auto", DECADES)
-    with pytest.raises(DataError, match=r"not a \.csv.*--format"):
+    with pytest.raises(DataError, match=r"not a \.csv.*--layout"):
         read_manifest(save(tmp_path / "one.jpg"), "auto", DECADES)
     utk_folder(tmp_path / "young", [21, 25, 29])
     with pytest.raises(DataError, match=r"only one age group \(20-29\).*need at least two"):

@@ -154,3 +154,16 @@ def test_dashboard_serves_the_experiments_study(small_search):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_data_layout_flag_is_layout_and_the_old_spelling_still_works(tmp_path, capsys):
+    from tune_age.cli import _data_config, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", str(tmp_path), "--layout", "folders"])
+    assert _data_config(args).format == "folders"
+    args = parser.parse_args(["train", "--data", str(tmp_path), "--format", "csv"])
+    assert _data_config(args).format == "csv"
+    assert "--layout now" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--format", "csv", "--layout", "folders"]) == 2
+    assert "give the layout once, as --layout" in capsys.readouterr().err

@@ -42,7 +42,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a UTKFace-named folder, a folder per group, or a CSV of "
                    "path,age / path,age_group (default: built-in synthetic faces)")
-    p.add_argument("--format", default="auto", help="auto, utkface, folders or csv")
+    p.add_argument("--layout", default="auto", help="the data's layout: auto, utkface, folders or csv")
+    # The old spelling: --format is the output format everywhere else (evaluate, trials, predict).
+    p.add_argument("--format", dest="old_layout", help=argparse.SUPPRESS)
     p.add_argument("--bins", default="decades",
                    help="age groups: decades, adience, fairface, or edges such as 0,13,20,40,60")
     p.add_argument("--synthetic-n", type=int, default=3000, help="built-in faces to draw without --data")
@@ -55,7 +57,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _data_config(args: argparse.Namespace):
     from .config import DataConfig
 
-    return DataConfig(path=args.data, format=args.format, bins=args.bins,
+    layout = args.layout
+    if args.old_layout is not None:
+        if "layout" in getattr(args, "given", ()) and args.old_layout != args.layout:
+            raise TuneAgeError(f"--format {args.old_layout} and --layout {args.layout}: give the layout once, "
+                               "as --layout")
+        print("tune-age: note: the data layout's flag is --layout now; --format still works for it here",
+              file=sys.stderr)
+        layout = args.old_layout
+    return DataConfig(path=args.data, format=layout, bins=args.bins,
                       synthetic_n=args.synthetic_n, split_seed=args.split_seed, dedupe=args.dedupe)
 
 
@@ -149,7 +159,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         cv=args.cv, warm_start=args.warm_start, objectives=args.objectives,
     )
     exp_dir, _ = experiment_dir(search)
-    fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path"}
+    fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path",
+              "layout": "format"}
     given = frozenset(fields.get(dest, dest) for dest in args.given)
     try:
         run_search(search, _data_config(args), given=given)
@@ -495,6 +506,10 @@ def _setup_logging(verbose: bool) -> tuple:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         for name in ("ray", "optuna"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Ray warns on every start that token authentication is on, as tune_age keeps it; the
+        # warning that it is off (RAY_AUTH_MODE=disabled) still shows.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
         # Ray's own end-of-run advice (Tuner.restore, metrics it could not fetch from
         # interrupted trials) is replaced by tune-age's summary and resume command.
         logging.getLogger("ray.tune").setLevel(logging.ERROR)

@@ -42,7 +42,7 @@ Skipped = list[tuple[str, str]]
 LAYOUTS_HELP = (
     "expected one of three layouts: utkface (a folder of images named age_gender_race_date.jpg), "
     "folders (one sub-folder per age group, such as 20-29/), or csv (a .csv file with columns "
-    "path,age or path,age_group); pass --format utkface|folders|csv to choose one"
+    "path,age or path,age_group); pass --layout utkface|folders|csv to choose one"
 )
 
 

@@ -498,7 +498,8 @@ def finish_statuses(plan: Plan, search: SearchConfig, used_s: float) -> None:
 # driver's time: a search within this of its budget has used it up.
 BUDGET_SLACK_S = 10.0
 KEPT_ON_RESUME = ("name", "storage", "address", "resume", "num_samples", "weights_dir", "cache_dir")
-FLAGS = {"time_budget_min": "--time-budget", "baseline_first": "--no-baseline", "path": "--data"}
+FLAGS = {"time_budget_min": "--time-budget", "baseline_first": "--no-baseline", "path": "--data",
+         "format": "--layout"}
 
 
 def resumed_settings(meta: dict, search: SearchConfig, data_cfg: DataConfig,
