@@ -376,6 +376,38 @@ def test_torchscript_has_the_preprocessing_built_in(exported):
         assert script(larger).shape == (3, len(loaded.groups))
 
 
+def test_onnx_export_runs_in_onnxruntime_as_predict_does_or_is_not_written(small_search, tmp_path, capsys, monkeypatch):
+    import onnx
+    import onnxruntime
+
+    import tune_age.results.export as export
+
+    out = tmp_path / "best.pt"
+    assert main(["export", str(small_search), "--out", str(out), "--onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime agrees with PyTorch on" in printed and "same groups" in printed
+    model = onnx.load(str(tmp_path / "best.onnx"))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["tune_age"])
+    loaded = load_model(out)
+    assert meta["groups"]["names"] == loaded.groups.names and meta["provenance"]["trial_id"]
+    # A non-square photo: the ONNX model's probabilities are predict's (one preprocessing).
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 140, 3), dtype=np.uint8)).save(photo)
+    session = onnxruntime.InferenceSession(str(tmp_path / "best.onnx"), providers=["CPUExecutionProvider"])
+    pixels = np.asarray(Image.open(photo).convert("RGB")).transpose(2, 0, 1)[None].copy()
+    probs = session.run(None, {"images": np.concatenate([pixels, pixels])})[0]
+    code, stdout, _ = run(capsys, "predict", out, photo, "--format", "json", "--top", str(len(loaded.groups)))
+    expected = {t["group"]: t["probability"] for t in json.loads(stdout)[0]["top"]}
+    assert probs.shape == (2, len(loaded.groups))
+    for name, p in zip(loaded.groups.names, probs[1]):
+        assert p == pytest.approx(expected[name], abs=1e-4)
+    # An export that does not agree with PyTorch is refused and leaves no file.
+    monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)
+    code, _, err = run(capsys, "export", small_search, "--out", tmp_path / "again.pt", "--onnx")
+    assert code == 2 and "the ONNX export disagrees with PyTorch" in err and "not written" in err
+    assert not (tmp_path / "again.onnx").exists()
+
+
 # --- using the model -----------------------------------------------------------------------
 
 

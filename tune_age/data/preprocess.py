@@ -26,14 +26,16 @@ SQUARE_MODES = ("crop", "pad")
 def square_resize(images: torch.Tensor, size: int, square: str) -> torch.Tensor:
     """N x 3 x H x W pixels in 0-255 (uint8 or float) -> N x 3 x size x size float, rounded."""
     x = images.float()
-    h, w = int(x.shape[-2]), int(x.shape[-1])
     if square == "crop":
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[:, :, top:top + side, left:left + side]
-        if side != size:
-            x = F.interpolate(x, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
+        # Written for symbolic sizes too (the ONNX export keeps H and W dynamic): no int() of
+        # a size, no branch on one (bilinear at the same size is the identity), narrow, not
+        # slicing (whose length would be unknown).
+        h, w = x.shape[-2], x.shape[-1]
+        side = min(h, w) if torch.jit.is_scripting() else torch.sym_min(h, w)  # (TorchScript: ints)
+        x = x.narrow(2, (h - side) // 2, side).narrow(3, (w - side) // 2, side)
+        x = F.interpolate(x, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
     else:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
         scale = size / max(h, w)
         ih = max(1, int(math.floor(h * scale + 0.5)))
         iw = max(1, int(math.floor(w * scale + 0.5)))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -292,6 +293,7 @@ class ExportResult:
     not_kept: str | None = None  # a better epoch that result.json reports but Ray did not keep
     refit: dict[str, Any] | None = None  # test metrics of the model retrained on train+val
     folds: int | None = None  # the trial cross-validated this many folds (without --refit)
+    onnx: dict[str, Any] | None = None  # path and the self-check's figures of the ONNX export
 
     def lines(self) -> list[str]:
         from .intervals import wilson
@@ -314,6 +316,11 @@ class ExportResult:
         out.append(f"wrote {self.path} (sha256 {self.sha256[:16]}...)")
         if self.torchscript:
             out.append(f"wrote {self.torchscript} (TorchScript with preprocessing; needs only torch)")
+        if self.onnx:
+            o = self.onnx
+            out.append(f"wrote {o['path']} (ONNX with preprocessing; uint8 RGB N x 3 x H x W in, any batch and "
+                       f"size): onnxruntime agrees with PyTorch on {o['images']} validation images, "
+                       f"{o['non_square']} of them non-square: same groups, probabilities within {o['max_diff']:.1e}")
         if self.not_kept:
             out.append(f"note: {self.not_kept}")
         return out
@@ -341,6 +348,83 @@ def torchscript_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.torchscript{out.suffix or '.pt'}")
 
 
+def onnx_path(out: Path) -> Path:
+    return out.with_suffix(".onnx")
+
+
+ONNX_FORMAT = "tune_age.onnx/1"
+ONNX_TOLERANCE = 1e-4  # largest probability difference from PyTorch the export accepts
+ONNX_INSTALL = 'pip install "tune_age[onnx]" (onnx, onnxruntime and onnxscript)'
+
+
+def _write_onnx(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance: dict[str, Any]) -> dict[str, Any]:
+    """An ONNX model of the network with its preprocessing (Packaged: uint8 RGB, dynamic
+    batch, height and width), the groups and provenance in its metadata; written only if
+    onnxruntime gives the same groups as PyTorch on `images` (the validation split, and
+    non-square versions of some) with probabilities within ONNX_TOLERANCE."""
+    import contextlib
+    import io
+
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise ConfigError(f"--onnx needs the ONNX packages: {ONNX_INSTALL}") from None
+    if loaded.square != "crop":
+        raise ConfigError("--onnx: this model pads its images square (square=pad); the ONNX export "
+                          "crops only so far; use --torchscript")
+    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square).eval()
+    dims = {0: torch.export.Dim("batch", max=65536), 2: torch.export.Dim("height", min=2, max=65536),
+            3: torch.export.Dim("width", min=2, max=65536)}
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(packaged, (images[:2],), tmp, dynamic_shapes={"images": dims},
+                              input_names=["images"], output_names=["probabilities"], dynamo=True,
+                              opset_version=18)
+        model = onnx.load(tmp)
+        meta = {"format": ONNX_FORMAT, "groups": loaded.groups.to_dict(), "image_size": loaded.image_size,
+                "input": "uint8 RGB, N x 3 x H x W, any N, H, W; made square by a centre crop and resized "
+                         "to image_size as in training", "output": "probabilities, N x len(groups)",
+                "export_sha256": loaded.sha256, "provenance": provenance}
+        del model.metadata_props[:]
+        for key, value in (("tune_age", json.dumps(meta, default=str)), ("groups", ",".join(loaded.groups.names))):
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, tmp)
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        side = images.shape[-1]
+        wide = torch.cat([images[:16], images[:16].flip(3)[..., : max(1, side // 2)]], dim=3)  # S x 1.5 S
+        differ, diff, count = 0, 0.0, 0
+        for batch in [*images.split(256), wide]:
+            with torch.no_grad():
+                mine = packaged(batch).numpy()
+            theirs = session.run(None, {"images": batch.numpy()})[0]
+            differ += int((mine.argmax(1) != theirs.argmax(1)).sum())
+            diff = max(diff, float(np.abs(mine - theirs).max()))
+            count += len(batch)
+        if differ or diff > ONNX_TOLERANCE:
+            raise ArtifactError(f"the ONNX export disagrees with PyTorch on the validation images ({differ} of "
+                                f"{count} predicted groups differ, probabilities by up to {diff:.1e}, "
+                                f"tolerance {ONNX_TOLERANCE:g}); {out} not written")
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _usual_mode(out)
+    return {"path": out, "images": count, "non_square": len(wide), "max_diff": diff}
+
+
+def validation_images(exp: Experiment, image_size: int) -> torch.Tensor:
+    """The search's validation split at `image_size` (decoded once, cached), for checks."""
+    from ..config import DataConfig
+    from ..data import load_data
+
+    data = load_data(DataConfig.from_dict(exp.meta["data"]), [image_size], progress=False)
+    return torch.from_numpy(np.ascontiguousarray(data.images[image_size][data.splits["val"]]))
+
+
 def export_best(
     exp_dir: str | Path,
     out: str | Path,
@@ -349,11 +433,12 @@ def export_best(
     torchscript: bool = False,
     refit: bool = False,
     pick: str | None = None,
+    onnx: bool = False,
 ) -> ExportResult:
     """Writes the best checkpoint of the experiment as one verified file (see the module doc);
     with `refit`, the best configuration retrained on train+val instead (results/refit.py)."""
     out = Path(out).expanduser()
-    targets = [out] + ([torchscript_path(out)] if torchscript else [])
+    targets = [out] + ([torchscript_path(out)] if torchscript else []) + ([onnx_path(out)] if onnx else [])
     for target in targets:
         if target.is_dir():
             raise TuneAgeError(f"{target} is a folder; give a file name such as best.pt")
@@ -408,9 +493,11 @@ def export_best(
     _usual_mode(out)
     loaded = load_model(out)  # reads it back: hash, strict load and all
     script = _write_torchscript(loaded, torchscript_path(out)) if torchscript else None
+    onnx_done = (_write_onnx(loaded, onnx_path(out), validation_images(exp, loaded.image_size),
+                             payload["provenance"]) if onnx else None)
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
     return ExportResult(out, ref, metric, payload["sha256"], script,
-                        better_epoch_not_kept(exp, ref, metric), refit_test, None if refit else folds)
+                        better_epoch_not_kept(exp, ref, metric), refit_test, None if refit else folds, onnx_done)
 
 
 def _pretrained_note(config: dict[str, Any]) -> str | None:
