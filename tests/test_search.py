@@ -184,3 +184,26 @@ def test_optuna_dashboard_shows_every_trial_with_its_curve(small_search):
         assert t["datetime_start"] < t["datetime_complete"]
     baseline = [t for t in study["trials"] if any(a["key"] == "baseline" for a in t["user_attrs"])]
     assert len(baseline) == 1 and baseline[0]["state"] == "Complete" and baseline[0]["intermediate_values"]
+
+
+def test_every_trial_writes_tensorboard_events_of_its_epochs(small_search):
+    """Ray's TensorBoard logger (tensorboardX comes with ray[tune]): `tensorboard --logdir EXP`
+    shows each trial's val_acc at each epoch, as result.json has it."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    from tune_age.search.tracking import read_trials
+
+    for entry in read_trials(small_search / "trials.jsonl").values():
+        folder = small_search / entry["dir"]
+        files = list(folder.glob("events.out.tfevents.*"))
+        assert len(files) == 1, folder
+        data, i, curve = files[0].read_bytes(), 0, {}
+        while i < len(data):  # TFRecord: length (8 bytes), its CRC (4), the event, its CRC (4)
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            curve.update({event.step: v.simple_value for v in event.summary.value if v.tag == "ray/tune/val_acc"})
+        assert curve == {r["epoch"]: pytest.approx(r["val_acc"]) for r in result_lines(folder)}
