@@ -167,3 +167,44 @@ def test_the_data_layout_flag_is_layout_and_the_old_spelling_still_works(tmp_pat
     assert "--layout now" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--format", "csv", "--layout", "folders"]) == 2
     assert "give the layout once, as --layout" in capsys.readouterr().err
+
+
+FAIRFACE_FULL = FAIRFACE.parent / "fairface"
+
+
+@pytest.mark.skipif(not FAIRFACE_FULL.is_dir() and os.environ.get("CI") != "true",
+                    reason="needs ../shared/data/fairface (in CI its absence fails the test)")
+def test_evaluate_by_gender_and_race_on_real_photos(small_search, tmp_path, capsys):
+    """FairFace's labels carry gender and race: accuracy per group, with counts, intervals
+    and the largest gap, equal to what the predictions say."""
+    with open(FAIRFACE_FULL / "labels.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"][:120]
+    folder = tmp_path / "ff"
+    (folder / "images").mkdir(parents=True)
+    for r in rows:  # the model (built-in faces) uses decades: each FairFace group's middle age
+        shutil.copy(FAIRFACE_FULL / r["path"], folder / "images" / Path(r["path"]).name)
+        r["path"] = f"images/{Path(r['path']).name}"
+        low, _, high = r.pop("age_group").rstrip("+").partition("-")
+        r["age"] = (int(low) + int(high or int(low) + 10)) // 2
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    model = tmp_path / "best.pt"
+    assert main(["export", str(small_search), "--out", str(model)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(model), "--data", str(folder / "labels.csv"), "--by", "gender,race",
+                 "--format", "json"]) == 0
+    by = json.loads(capsys.readouterr().out)["by_group"]
+    genders = {g: sum(r["gender"] == g for r in rows) for g in {r["gender"] for r in rows}}
+    assert {k: v["n"] for k, v in by["gender"]["values"].items()} == genders
+    assert sum(v["n"] for v in by["race"]["values"].values()) == len(rows)
+    rates = {k: v["accuracy"] for k, v in by["race"]["values"].items() if v["n"] >= 10}
+    gap = by["race"]["largest_gap"]
+    assert gap["accuracy_gap"] == pytest.approx(max(rates.values()) - min(rates.values()))
+    for v in by["gender"]["values"].values():
+        assert v["accuracy_ci"][0] <= v["accuracy"] <= v["accuracy_ci"][1]
+    assert main(["evaluate", str(model), "--data", str(folder / "labels.csv"), "--by", "gender"]) == 0
+    assert "by gender:" in capsys.readouterr().out
+    assert main(["evaluate", str(model), "--data", str(folder / "labels.csv"), "--by", "height"]) == 2
+    assert "'height' is not known" in capsys.readouterr().err

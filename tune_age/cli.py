@@ -303,7 +303,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with _quiet_data_logs(args):
         metrics = evaluate(args.model, args.data, layout=args.layout, device=args.device,
-                           include_seen=args.include_seen)
+                           include_seen=args.include_seen,
+                           by=[b.strip() for b in args.by.split(",")] if args.by else None)
     if args.format == "json":
         print(json.dumps(metrics, indent=1))
     else:
@@ -389,6 +390,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--data", required=True, help="a UTKFace-named folder, a folder per group, "
                    "or a CSV of path,age / path,age_group")
     p.add_argument("--layout", default="auto", help="auto, utkface, folders or csv")
+    p.add_argument("--by", metavar="gender,race", help="also accuracy, one-off accuracy and MAE per "
+                   "gender, race or age_group (from a CSV's columns or UTKFace names), with intervals")
     p.add_argument("--include-seen", action="store_true", help="also score images the model saw in "
                    "training or validation (left out by default: they flatter it)")
     p.add_argument("--format", default="table", choices=("table", "json"), help="output format")

@@ -243,6 +243,34 @@ READERS: dict[str, Callable[[Path, AgeGroups], tuple[pd.DataFrame, Skipped]]] = 
 }
 
 
+# UTKFace's names: age_gender_race_date, gender 0 male / 1 female, race 0-4 as below.
+UTK_GENDER = {"0": "male", "1": "female"}
+UTK_RACE = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
+ATTRIBUTES = ("gender", "race")
+
+
+def read_attributes(paths: list[str], source: Path, fmt: str) -> pd.DataFrame:
+    """Who is in each photo, where the data says: `gender` and `race` per path ("" when
+    unknown), from a CSV's columns of those names or from UTKFace names. For reports of
+    accuracy by group of people; training never reads them."""
+    out = pd.DataFrame({name: [""] * len(paths) for name in ATTRIBUTES})
+    if fmt == "csv":
+        with open(source, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+        base = source.parent.resolve()
+        by_path = {str((base / r.get("path", "").strip()).resolve()): r for r in rows}
+        for name in ATTRIBUTES:
+            out[name] = [str((by_path.get(str(Path(p).resolve())) or {}).get(name, "") or "").strip()
+                         for p in paths]
+    elif fmt == "utkface":
+        for i, p in enumerate(paths):
+            parts = Path(p).name.split("_")
+            if len(parts) >= 3:
+                out.loc[i, "gender"] = UTK_GENDER.get(parts[1], "")
+                out.loc[i, "race"] = UTK_RACE.get(parts[2], "")
+    return out
+
+
 def detect_format(path: str | Path, groups: AgeGroups) -> str:
     """The layout of `path`: "csv", "folders" or "utkface", or a DataError explaining them."""
     path = Path(path).expanduser()

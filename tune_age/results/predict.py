@@ -180,13 +180,15 @@ def evaluate(
     layout: str = "auto",
     device: str = "cpu",
     include_seen: bool = False,
+    by: list[str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model on a labelled set in any supported layout (utkface, folders, csv),
     labelled with the model's own age groups. Images the model saw in training or validation
     (its file records their pixel keys) are counted and, unless `include_seen`, left out:
     scoring them would flatter the model. Keys: accuracy, one_off, macro_f1, balanced_accuracy,
     mae (years; when ages are known), confusion (rows: true group), loss, n_images, seen,
-    scored ("unseen" or "all"), groups, skipped."""
+    scored ("unseen" or "all"), groups, skipped; with `by` (gender, race, age_group), `by_group`:
+    for each, per value: n, accuracy, one_off, mae and 95 % Wilson intervals, and the gap."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     table, skipped = read_manifest(Path(data), layout, loaded.groups)
     images, kept, failed = decode_images(table["path"].tolist(), loaded.image_size, loaded.square)
@@ -204,13 +206,75 @@ def evaluate(
     if not include_seen and seen.any():
         images, table = images[~seen], table[~seen]
     ages = table["age"].to_numpy(np.float32)
-    metrics = evaluate_arrays(loaded, images, table["group"].to_numpy(np.int64),
-                              None if np.isnan(ages).all() else ages)
-    metrics.pop("pred")
+    labels = table["group"].to_numpy(np.int64)
+    metrics = evaluate_arrays(loaded, images, labels, None if np.isnan(ages).all() else ages)
+    pred = metrics.pop("pred")
+    if by:
+        metrics["by_group"] = by_group(loaded, table, pred, labels, ages, Path(data), layout, by)
     metrics["skipped"] = len(skipped) + len(failed)
     metrics["seen"] = int(seen.sum()) if loaded.seen is not None else None
     metrics["scored"] = "all" if include_seen else "unseen"
     return metrics
+
+
+BY = ("gender", "race", "age_group")
+MIN_GAP_IMAGES = 10  # a subgroup smaller than this is shown but not used for the largest gap
+
+
+def by_group(loaded: LoadedModel, table: pd.DataFrame, pred: np.ndarray, labels: np.ndarray,
+             ages: np.ndarray, data: Path, layout: str, by: list[str]) -> dict[str, Any]:
+    """Accuracy, one-off accuracy and MAE per value of each attribute, with counts and Wilson
+    intervals, and the largest accuracy gap between values with at least MIN_GAP_IMAGES."""
+    from ..data.sources import detect_format, read_attributes
+    from .intervals import wilson
+
+    unknown = [b for b in by if b not in BY]
+    if unknown:
+        raise ConfigError(f"--by {','.join(by)}: {unknown[0]!r} is not known; choose from {', '.join(BY)}")
+    fmt = detect_format(data, loaded.groups) if layout == "auto" else layout
+    people = read_attributes(table["path"].tolist(), data, fmt)
+    centers = np.asarray(loaded.groups.centers)
+    out = {}
+    for name in by:
+        values = (np.asarray(loaded.groups.names)[labels] if name == "age_group"
+                  else people[name].to_numpy())
+        if name != "age_group" and not any(values):
+            raise DataError(f"{data}: no {name} is known for these images (a CSV column {name!r}, or "
+                            "UTKFace names age_gender_race_date, carry it)")
+        rows = {}
+        for value in sorted(set(values) - {""}, key=str):
+            mask = values == value
+            n = int(mask.sum())
+            acc = float((pred[mask] == labels[mask]).mean())
+            one_off = float((np.abs(pred[mask] - labels[mask]) <= 1).mean())
+            known = mask & ~np.isnan(ages)
+            mae = float(np.abs(centers[pred[known]] - ages[known]).mean()) if known.any() else None
+            rows[str(value)] = {"n": n, "accuracy": acc, "accuracy_ci": list(wilson(acc, n)),
+                                "one_off": one_off, "one_off_ci": list(wilson(one_off, n)), "mae": mae}
+        big = {k: r for k, r in rows.items() if r["n"] >= MIN_GAP_IMAGES}
+        gap = None
+        if len(big) >= 2:
+            hi, lo = max(big, key=lambda k: big[k]["accuracy"]), min(big, key=lambda k: big[k]["accuracy"])
+            gap = {"highest": hi, "lowest": lo, "accuracy_gap": big[hi]["accuracy"] - big[lo]["accuracy"],
+                   "beyond_intervals": big[hi]["accuracy_ci"][0] > big[lo]["accuracy_ci"][1]}
+        out[name] = {"values": rows, "largest_gap": gap, "unknown": int((values == "").sum())}
+    return out
+
+
+def by_group_lines(by: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, part in by.items():
+        lines.append(f"by {name}" + (f" ({part['unknown']} image(s) unknown)" if part["unknown"] else "") + ":")
+        for value, r in part["values"].items():
+            mae = f", mae {r['mae']:.1f} years" if r["mae"] is not None else ""
+            lines.append(f"  {value:<16} n={r['n']:<5} accuracy {r['accuracy']:.3f} "
+                         f"[{r['accuracy_ci'][0]:.3f}-{r['accuracy_ci'][1]:.3f}], one_off {r['one_off']:.3f}{mae}")
+        gap = part["largest_gap"]
+        if gap:
+            sure = "beyond both intervals" if gap["beyond_intervals"] else "within the intervals: it may be noise"
+            lines.append(f"  largest gap: {gap['accuracy_gap']:.3f} ({gap['highest']} over {gap['lowest']}; "
+                         f"groups of {MIN_GAP_IMAGES}+ images), {sure}")
+    return lines
 
 
 def metric_lines(metrics: dict[str, Any]) -> list[str]:
@@ -233,4 +297,6 @@ def metric_lines(metrics: dict[str, Any]) -> list[str]:
     lines.append(" " * width + " " + " ".join(n.rjust(width) for n in names))
     for name, row in zip(names, metrics["confusion"]):
         lines.append(name.rjust(width) + " " + " ".join(str(c).rjust(width) for c in row))
+    if metrics.get("by_group"):
+        lines += by_group_lines(metrics["by_group"])
     return lines
