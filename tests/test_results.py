@@ -408,6 +408,33 @@ def test_onnx_export_runs_in_onnxruntime_as_predict_does_or_is_not_written(small
     assert not (tmp_path / "again.onnx").exists()
 
 
+def test_calibrated_export_divides_logits_by_the_fitted_temperature_everywhere(small_search, tmp_path, capsys):
+    from tune_age.results.calibration import fit_temperature, nll
+
+    out = tmp_path / "cal.pt"
+    code, printed, _ = run(capsys, "export", small_search, "--out", out, "--calibrate", "--torchscript")
+    assert code == 0 and "calibrated: temperature" in printed and "not used to fit" in printed
+    loaded = load_model(out)
+    t = loaded.temperature
+    assert t > 0 and torch.load(out, weights_only=True)["temperature"] == t
+    images = torch.randint(0, 256, (4, 3, loaded.image_size, loaded.image_size), dtype=torch.uint8)
+    logits = predict_logits(loaded.model, images, norm=loaded.normalizer()).float()
+    from tune_age.results.predict import probabilities
+
+    assert torch.allclose(probabilities(loaded, images), torch.softmax(logits / t, 1), atol=1e-6)
+    script = torch.jit.load(str(tmp_path / "cal.torchscript.pt"))
+    with torch.no_grad():
+        assert torch.allclose(script(images), torch.softmax(logits / t, 1), atol=1e-5)
+    # The fit minimizes the validation NLL: no worse there than the model as trained.
+    from tune_age.results.export import split_images
+
+    z_images, labels = split_images(load_experiment(small_search), loaded.image_size, "val")
+    z = predict_logits(loaded.model, z_images, norm=loaded.normalizer()).float()
+    assert nll(z, labels, t) <= nll(z, labels) + 1e-6 and t == pytest.approx(fit_temperature(z, labels), rel=1e-3)
+    code, _, err = run(capsys, "export", small_search, "--out", tmp_path / "r.pt", "--calibrate", "--refit")
+    assert code == 2 and "--calibrate with --refit" in err
+
+
 # --- using the model -----------------------------------------------------------------------
 
 

@@ -264,7 +264,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with _quiet_data_logs(args):
         result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
-                             torchscript=args.torchscript, refit=args.refit, pick=args.pick, onnx=args.onnx)
+                             torchscript=args.torchscript, refit=args.refit, pick=args.pick, onnx=args.onnx,
+                             calibrated=args.calibrate)
     for line in result.lines():
         print(line)
     return 0
@@ -367,6 +368,8 @@ def _add_results_commands(sub) -> None:
                    help="also write OUT.torchscript.pt: preprocessing built in, needs only torch")
     p.add_argument("--onnx", action="store_true", help="also write OUT.onnx: preprocessing built in, runs in "
                    "onnxruntime; checked against PyTorch on the validation images before it is written")
+    p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split so "
+                   "the probabilities mean what they say; applied in every exported form")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.add_argument("--refit", action="store_true", help="retrain the best configuration on train+val "
                    "for its best epoch count, score it once on the test split, and export that model")

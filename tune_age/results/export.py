@@ -46,7 +46,7 @@ from .. import __version__
 from ..config import METRICS, TrainConfig
 from ..data.groups import AgeGroups, groups_from_dict
 from ..data.preprocess import square_resize
-from ..training.engine import Normalizer, resolve_device
+from ..training.engine import Normalizer, predict_logits, resolve_device
 from ..errors import ArtifactError, ConfigError, TuneAgeError
 from ..models import BACKBONES, build_model
 from . import FAILED, MEASURES, Experiment, is_baseline, load_experiment, pick_trials, status_counts
@@ -186,6 +186,7 @@ class LoadedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
     seen: set[int] | None = None  # image keys of its train and val images; None: not recorded
+    temperature: float = 1.0  # logits are divided by it (export --calibrate); 1: as trained
 
     @property
     def device(self) -> torch.device:
@@ -277,6 +278,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         metrics=dict(state.get("metrics") or {}), provenance=dict(state.get("provenance") or {}),
         sha256=state.get("sha256"),
         seen=set(state["seen_images"].tolist()) if state.get("seen_images") is not None else None,
+        temperature=float(state.get("temperature", 1.0)),
     )
 
 
@@ -294,6 +296,7 @@ class ExportResult:
     refit: dict[str, Any] | None = None  # test metrics of the model retrained on train+val
     folds: int | None = None  # the trial cross-validated this many folds (without --refit)
     onnx: dict[str, Any] | None = None  # path and the self-check's figures of the ONNX export
+    calibration: dict[str, Any] | None = None  # export --calibrate: the temperature and its figures
 
     def lines(self) -> list[str]:
         from .intervals import wilson
@@ -313,6 +316,12 @@ class ExportResult:
         elif self.folds:
             out.append(f"note: the trial cross-validated {self.folds} folds; this is its first fold's model "
                        f"(trained on {self.folds - 1}/{self.folds} of train+val); --refit trains one on all of it")
+        if self.calibration:
+            c = self.calibration
+            out.append(f"calibrated: temperature {c['temperature']:.3f} fitted on the validation split "
+                       f"({c['val_n']} images): NLL {c['val_nll'][0]:.3f} -> {c['val_nll'][1]:.3f}, ECE "
+                       f"{c['val_ece'][0]:.3f} -> {c['val_ece'][1]:.3f}; on the test split ({c['test_n']} images, "
+                       f"not used to fit): ECE {c['test_ece'][0]:.3f} -> {c['test_ece'][1]:.3f}")
         out.append(f"wrote {self.path} (sha256 {self.sha256[:16]}...)")
         if self.torchscript:
             out.append(f"wrote {self.torchscript} (TorchScript with preprocessing; needs only torch)")
@@ -374,7 +383,8 @@ def _write_onnx(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance
     if loaded.square != "crop":
         raise ConfigError("--onnx: this model pads its images square (square=pad); the ONNX export "
                           "crops only so far; use --torchscript")
-    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square).eval()
+    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square,
+                        loaded.temperature).eval()
     dims = {0: torch.export.Dim("batch", max=65536), 2: torch.export.Dim("height", min=2, max=65536),
             3: torch.export.Dim("width", min=2, max=65536)}
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -416,13 +426,35 @@ def _write_onnx(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance
     return {"path": out, "images": count, "non_square": len(wide), "max_diff": diff}
 
 
-def validation_images(exp: Experiment, image_size: int) -> torch.Tensor:
-    """The search's validation split at `image_size` (decoded once, cached), for checks."""
+def split_images(exp: Experiment, image_size: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of one of the search's splits at `image_size` (decoded once, cached)."""
     from ..config import DataConfig
     from ..data import load_data
 
     data = load_data(DataConfig.from_dict(exp.meta["data"]), [image_size], progress=False)
-    return torch.from_numpy(np.ascontiguousarray(data.images[image_size][data.splits["val"]]))
+    rows = data.splits[split]
+    return (torch.from_numpy(np.ascontiguousarray(data.images[image_size][rows])),
+            torch.from_numpy(np.asarray(data.labels[rows], dtype=np.int64)))
+
+
+def calibrate(exp: Experiment, loaded: LoadedModel) -> dict[str, Any]:
+    """The temperature fitted on the validation split, and NLL and ECE before and after on it
+    and on the test split (which the fit never sees)."""
+    from .calibration import expected_calibration_error as ece
+    from .calibration import fit_temperature, nll
+
+    figures: dict[str, Any] = {}
+    logits = {}
+    for split in ("val", "test"):
+        images, labels = split_images(exp, loaded.image_size, split)
+        logits[split] = (predict_logits(loaded.model, images, norm=loaded.normalizer()).float().cpu(), labels)
+    t = fit_temperature(*logits["val"])
+    figures["temperature"] = t
+    for split, (z, y) in logits.items():
+        figures[f"{split}_n"] = int(len(y))
+        figures[f"{split}_nll"] = [nll(z, y), nll(z, y, t)] if len(y) else [math.nan] * 2
+        figures[f"{split}_ece"] = ([ece(z.softmax(1), y), ece((z / t).softmax(1), y)] if len(y) else [math.nan] * 2)
+    return figures
 
 
 def export_best(
@@ -434,6 +466,7 @@ def export_best(
     refit: bool = False,
     pick: str | None = None,
     onnx: bool = False,
+    calibrated: bool = False,
 ) -> ExportResult:
     """Writes the best checkpoint of the experiment as one verified file (see the module doc);
     with `refit`, the best configuration retrained on train+val instead (results/refit.py)."""
@@ -488,16 +521,29 @@ def export_best(
             "versions": {"tune_age": __version__, "torch": str(torch.__version__)},
         },
     }
+    calibration = None
+    if calibrated:
+        if refit:
+            raise ConfigError("--calibrate with --refit: the refit model trained on the validation split, "
+                              "where the temperature is fitted; calibrate the search's own model (no --refit)")
+        if folds and folds > 1:
+            raise ConfigError(f"--calibrate: the trial cross-validated {folds} folds, so its model trained on "
+                              "part of the validation split; calibrate a search run with --cv 1")
+        probe = {**payload, "sha256": payload_sha256(payload)}
+        save_atomic(probe, out)
+        calibration = calibrate(exp, load_model(out))
+        payload["temperature"] = calibration["temperature"]
     payload["sha256"] = payload_sha256(payload)
     save_atomic(payload, out)
     _usual_mode(out)
     loaded = load_model(out)  # reads it back: hash, strict load and all
     script = _write_torchscript(loaded, torchscript_path(out)) if torchscript else None
-    onnx_done = (_write_onnx(loaded, onnx_path(out), validation_images(exp, loaded.image_size),
+    onnx_done = (_write_onnx(loaded, onnx_path(out), split_images(exp, loaded.image_size)[0],
                              payload["provenance"]) if onnx else None)
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
     return ExportResult(out, ref, metric, payload["sha256"], script,
-                        better_epoch_not_kept(exp, ref, metric), refit_test, None if refit else folds, onnx_done)
+                        better_epoch_not_kept(exp, ref, metric), refit_test, None if refit else folds, onnx_done,
+                        calibration)
 
 
 def _pretrained_note(config: dict[str, Any]) -> str | None:
@@ -514,9 +560,10 @@ class Packaged(nn.Module):
     them (`square`: crop or pad), probabilities per age group out."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], image_size: int,
-                 square: str = "crop"):
+                 square: str = "crop", temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.image_size = image_size
@@ -526,11 +573,12 @@ class Packaged(nn.Module):
         # Float input is taken back to whole 0-255 values, as the uint8 it was decoded from.
         x = images.float() if images.dtype == torch.uint8 else (images.float() * 255.0).round()
         x = square_resize(x, self.image_size, self.square) / 255.0
-        return torch.softmax(self.model((x - self.mean) / self.std), dim=1)
+        return torch.softmax(self.model((x - self.mean) / self.std) / self.temperature, dim=1)
 
 
 def _write_torchscript(loaded: LoadedModel, out: Path) -> Path:
-    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square).eval()
+    packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square,
+                        loaded.temperature).eval()
     meta = {
         "format": TORCHSCRIPT_FORMAT,
         "groups": loaded.groups.to_dict(),

@@ -57,7 +57,7 @@ def probabilities(loaded: LoadedModel, images: np.ndarray | torch.Tensor, batch_
     """Softmax over the age groups for uint8 images N x 3 x S x S at the model's size."""
     x = as_tensor(np.asarray(images))
     logits = predict_logits(loaded.model, x, norm=loaded.normalizer(), batch_size=batch_size)
-    return torch.softmax(logits.float(), dim=1).cpu()
+    return torch.softmax(logits.float() / loaded.temperature, dim=1).cpu()
 
 
 def predict(
