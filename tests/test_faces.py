@@ -208,3 +208,22 @@ def test_evaluate_by_gender_and_race_on_real_photos(small_search, tmp_path, caps
     assert "by gender:" in capsys.readouterr().out
     assert main(["evaluate", str(model), "--data", str(folder / "labels.csv"), "--by", "height"]) == 2
     assert "'height' is not known" in capsys.readouterr().err
+
+
+@needs_photos
+def test_detect_faces_on_the_fly_trains_on_cached_aligned_crops(photos, tmp_path, capsys):
+    needs_dlib()
+    cache = tmp_path / "cache"
+    cfg = DataConfig(path=str(photos / "labels.csv"), bins="fairface", cache_dir=str(cache), detect_faces=True)
+    data = load_data(cfg, [64], progress=False)
+    crops = list((cache / "faces").iterdir())
+    assert len(crops) == 1 and data.native_size == 224
+    assert all(str(p).startswith(str(crops[0])) for p in data.paths)
+    with open(crops[0] / "labels.csv") as f:
+        assert len(data.paths) == len(list(csv.DictReader(f)))  # one crop per photo with a face
+    stamp = (crops[0] / "labels.csv").stat().st_mtime_ns
+    load_data(cfg, [64], progress=False)  # the second time, nothing is aligned again
+    assert (crops[0] / "labels.csv").stat().st_mtime_ns == stamp and len(list((cache / "faces").iterdir())) == 1
+    assert main(["train", "--data", str(photos / "labels.csv"), "--bins", "fairface", "--detect-faces",
+                 "--out", str(tmp_path / "run"), "epochs=1", "image_size=32"]) == 0
+    assert "aligned faces of a csv file" in capsys.readouterr().out

@@ -49,6 +49,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="age groups: decades, adience, fairface, or edges such as 0,13,20,40,60")
     p.add_argument("--synthetic-n", type=int, default=3000, help="built-in faces to draw without --data")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    p.add_argument("--detect-faces", action="store_true", help="find and align the face in each photo "
+                   "first (as tune-age faces does; cached), skipping photos with none")
     p.add_argument("--dedupe", default="exact", choices=("exact", "near", "off"),
                    help="duplicates to drop before the split: exact (the same file or bytes), near "
                    "(also copies with a near-equal perceptual hash) or off")
@@ -66,7 +68,8 @@ def _data_config(args: argparse.Namespace):
               file=sys.stderr)
         layout = args.old_layout
     return DataConfig(path=args.data, format=layout, bins=args.bins,
-                      synthetic_n=args.synthetic_n, split_seed=args.split_seed, dedupe=args.dedupe)
+                      synthetic_n=args.synthetic_n, split_seed=args.split_seed, dedupe=args.dedupe,
+                      detect_faces=args.detect_faces)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -302,8 +305,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .results.predict import evaluate, metric_lines
 
+    data = args.data
+    if args.detect_faces:
+        from .data.decode import cache_root
+        from .data.faces import aligned_source
+
+        data = aligned_source(args.data, cache_root())
     with _quiet_data_logs(args):
-        metrics = evaluate(args.model, args.data, layout=args.layout, device=args.device,
+        metrics = evaluate(args.model, data, layout=args.layout, device=args.device,
                            include_seen=args.include_seen,
                            by=[b.strip() for b in args.by.split(",")] if args.by else None)
     if args.format == "json":
@@ -395,6 +404,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--layout", default="auto", help="auto, utkface, folders or csv")
     p.add_argument("--by", metavar="gender,race", help="also accuracy, one-off accuracy and MAE per "
                    "gender, race or age_group (from a CSV's columns or UTKFace names), with intervals")
+    p.add_argument("--detect-faces", action="store_true", help="find and align the face in each photo "
+                   "first (cached), skipping photos with none")
     p.add_argument("--include-seen", action="store_true", help="also score images the model saw in "
                    "training or validation (left out by default: they flatter it)")
     p.add_argument("--format", default="table", choices=("table", "json"), help="output format")

@@ -253,6 +253,7 @@ class DataConfig(_Config):
     synthetic_seed: int = 0
     square: str = "crop"  # crop: center crop; pad: pad the short side
     dedupe: str = "exact"  # exact: same file or bytes; near: also a perceptual hash; off
+    detect_faces: bool = False  # find and align the face in each photo first (data/faces.py), cached
     cache_dir: Union[str, None] = None  # default: ~/.cache/tune_age
 
     _choices = {"format": FORMATS, "square": ("crop", "pad"), "dedupe": ("exact", "near", "off")}

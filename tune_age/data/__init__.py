@@ -256,6 +256,11 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
         path = Path(cfg.path).expanduser().absolute()
         fmt = detect_format(path, groups) if cfg.format == "auto" else cfg.format
         what = f"{fmt} {'file' if path.is_file() else 'folder'}"
+    if cfg.detect_faces:
+        from .faces import aligned_source
+
+        path = aligned_source(path, root)  # the same layout, one aligned crop per photo with a face
+        what = f"aligned faces of a {what}"
     table, skipped = read_manifest(path, fmt, groups)
     # Sorting makes the split independent of the order the files were listed in.
     table = table.sort_values("path", kind="stable").reset_index(drop=True)

@@ -166,3 +166,35 @@ def align_folder(src: str | Path, out: str | Path, size: int = 224, padding: flo
             writer.writerow(["path", "reason"])
             writer.writerows(summary.skipped)
     return summary
+
+
+def aligned_source(src: str | Path, cache: Path, size: int = 224, padding: float = 0.2) -> Path:
+    """`--detect-faces`: the aligned crops of `src` (as align_folder writes them), computed once
+    and kept in `cache/faces/<key>`, keyed by every photo's path, size and modification time
+    and the crop settings; returns the folder, or its CSV where `src` is one."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    src = Path(src).expanduser().absolute()
+    files = [src] + (list_images(src.parent) if src.is_file() else list_images(src))
+    h = hashlib.blake2b(f"faces/1 {src} {size} {padding}".encode(), digest_size=12)
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    dest = cache / "faces" / h.hexdigest()
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+        try:
+            summary = align_folder(src, work / "faces", size=size, padding=padding)
+            for line in summary.lines(dest):
+                log.info("%s", line)
+            try:
+                os.replace(work / "faces", dest)
+            except OSError:  # another process aligned the same photos first: theirs is the same
+                pass
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest / src.name if src.is_file() else dest
