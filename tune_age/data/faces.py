@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError, TuneAgeError
-from .sources import is_image, list_images
+from .sources import list_images
 
 log = logging.getLogger(__name__)
 

@@ -60,6 +60,21 @@ def probabilities(loaded: LoadedModel, images: np.ndarray | torch.Tensor, batch_
     return torch.softmax(logits.float() / loaded.temperature, dim=1).cpu()
 
 
+def _ready(model: str | Path | LoadedModel, top: int, device: str) -> LoadedModel:
+    if top < 1:
+        raise ConfigError(f"--top {top} is not valid; give 1 or more")
+    return model if isinstance(model, LoadedModel) else load_model(model, device)
+
+
+def _ranked(loaded: LoadedModel, images: np.ndarray | torch.Tensor, top: int) -> list[dict[str, Any]]:
+    """Per image: its most likely group, that group's probability and the `top` groups."""
+    values, indices = probabilities(loaded, images).topk(min(top, len(loaded.groups)), dim=1)
+    names = loaded.groups.names
+    return [{"group": names[idx[0]], "probability": vals[0],
+             "top": [{"group": names[i], "probability": v} for i, v in zip(idx, vals)]}
+            for vals, idx in zip(values.tolist(), indices.tolist())]
+
+
 def predict(
     model: str | Path | LoadedModel,
     inputs: list[str | Path],
@@ -68,27 +83,14 @@ def predict(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """One row per readable image: path, group, probability and the `top` groups with theirs;
     plus the (path, reason) of images that could not be read."""
-    if top < 1:
-        raise ConfigError(f"--top {top} is not valid; give 1 or more")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    loaded = _ready(model, top, device)
     files = image_files(inputs)
     images, kept, skipped = decode_images([str(f) for f in files], loaded.image_size, loaded.square,
                                           progress=False)
     if len(kept) == 0:
         raise DataError(f"none of the {len(files)} files could be read as an image "
                         f"(first: {describe_skipped(skipped)})")
-    probs = probabilities(loaded, images)
-    k = min(top, len(loaded.groups))
-    values, indices = probs.topk(k, dim=1)
-    names = loaded.groups.names
-    rows = []
-    for row, vals, idx in zip(kept, values.tolist(), indices.tolist()):
-        rows.append({
-            "path": str(files[row]),
-            "group": names[idx[0]],
-            "probability": vals[0],
-            "top": [{"group": names[i], "probability": v} for i, v in zip(idx, vals)],
-        })
+    rows = [{"path": str(files[row]), **ranked} for row, ranked in zip(kept, _ranked(loaded, images, top))]
     return rows, skipped
 
 
@@ -104,9 +106,7 @@ def predict_faces(
     from ..data.faces import FaceAligner, read_rgb
     from ..data.preprocess import square_resize
 
-    if top < 1:
-        raise ConfigError(f"--top {top} is not valid; give 1 or more")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    loaded = _ready(model, top, device)
     aligner = FaceAligner()
     found, skipped = [], []
     for file in image_files(inputs):
@@ -122,17 +122,8 @@ def predict_faces(
         raise DataError(f"no face found in any of the photos (first: {describe_skipped(skipped)})")
     chips = torch.from_numpy(np.stack([face.chip for _, _, face in found])).permute(0, 3, 1, 2)
     images = square_resize(chips, loaded.image_size, loaded.square).to(torch.uint8)  # as decoding does
-    probs = probabilities(loaded, images)
-    k = min(top, len(loaded.groups))
-    values, indices = probs.topk(k, dim=1)
-    names = loaded.groups.names
-    rows = []
-    for (file, number, face), vals, idx in zip(found, values.tolist(), indices.tolist()):
-        rows.append({
-            "path": str(file), "face": number, "box": face.box, "landmarks": face.landmarks,
-            "group": names[idx[0]], "probability": vals[0],
-            "top": [{"group": names[i], "probability": v} for i, v in zip(idx, vals)],
-        })
+    rows = [{"path": str(file), "face": number, "box": face.box, "landmarks": face.landmarks, **ranked}
+            for (file, number, face), ranked in zip(found, _ranked(loaded, images, top))]
     return rows, skipped
 
 
