@@ -233,11 +233,66 @@ def test_report_holds_the_numbers_of_the_search(small_search, tmp_path, capsys, 
     test_section = md.split("## Test split")[1]
     assert f"{test['accuracy']:.4f}" in test_section and f"{test['macro_f1']:.4f}" in test_section
     assert "Note: recomputed" not in md  # validation metrics agree with what the checkpoint stored
+    # Calibration: the test split's ECE as trained, recomputed here with numpy (15 bins).
+    probs = torch.softmax(predict_logits(loaded.model, torch.from_numpy(search_data.images[loaded.image_size][rows]),
+                                         norm=loaded.normalizer()), 1).numpy()
+    confidence, correct = probs.max(1), probs.argmax(1) == search_data.labels[rows]
+    bins = np.clip(np.ceil(confidence * 15).astype(int) - 1, 0, 14)
+    ece = sum((bins == b).mean() * abs(confidence[bins == b].mean() - correct[bins == b].mean())
+              for b in range(15) if (bins == b).any())
+    calibration = md.split("## Calibration")[1].split("\n## ")[0]
+    assert f"| test | {len(rows)} | {ece:.4f} |" in calibration and "(reliability.png)" in calibration
+    # By group of people: the synthetic faces' UTKFace names carry gender and race.
+    people = md.split("## Accuracy by group of people")[1].split("\n## ")[0]
+    gender = pd.Series([Path(search_data.paths[i]).name.split("_")[1] for i in rows])
+    for code_, name in (("0", "male"), ("1", "female")):
+        mask = (gender == code_).to_numpy()
+        acc = (test["pred"][mask] == search_data.labels[rows][mask]).mean()
+        assert f"| {name} | {mask.sum()} | {acc:.3f} |" in people
+    assert "### By race" in people and "### By age group" in people and "(people.png)" in people
     # Seed reruns: kept in the experiment, shown in the report.
     rerun = json.loads((exp_dir / "rerun.json").read_text())
     assert len(rerun["configs"]) == 1 and len(rerun["configs"][0]["scores"]) == 2
     assert rerun["configs"][0]["trial_id"] == best["trial_id"]
     assert "## Seed reruns" in md and f"{rerun['configs'][0]['mean']:.4f}" in md
+
+
+def chromium() -> str | None:
+    """Debian's chromium (.ci/run installs it); None outside CI when missing, a failure in CI."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("CI") == "true":
+        pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
+    return found
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs chromium (in CI its absence fails the test)")
+def test_report_fits_a_1280px_browser_window_with_every_image_loaded(small_search, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tune_age.results.report import write_report
+
+    page_file = write_report(small_search, out=tmp_path / "report").html
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(page_file.as_uri())
+        found = page.evaluate("""() => {
+            const width = document.documentElement.clientWidth;
+            const wide = [...document.querySelectorAll('body *')]
+                .filter(e => e.getBoundingClientRect().right > width + 0.5 || e.scrollWidth > e.clientWidth + 1)
+                .map(e => e.tagName + ': ' + e.textContent.slice(0, 40));
+            return {width, page: document.documentElement.scrollWidth, wide,
+                    images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+                    tables: document.querySelectorAll('table').length};
+        }""")
+        page.screenshot(path=str(tmp_path / "report-1280.png"), full_page=True)
+        browser.close()
+    assert found["width"] == 1280 and found["page"] <= 1280, found
+    assert found["wide"] == [], found["wide"]  # no element past the window, nothing scrolled inside one
+    assert len(found["images"]) >= 8 and all(found["images"]), found["images"]
+    assert found["tables"] >= 4 and (tmp_path / "report-1280.png").stat().st_size > 50_000
 
 
 def study_with(tmp_path: Path, n: int) -> Path:

@@ -61,6 +61,16 @@ class FaceData:
     sizes_seen: dict[tuple[int, int], int] = field(default_factory=dict)  # (w, h) -> count
     unevaluated: list[str] = field(default_factory=list)  # groups with no val image (too few)
     keys: dict[int, np.ndarray] = field(default_factory=dict)  # size -> image_keys of each row
+    layout: str = ""  # "utkface", "folders" or "csv": how `root` is read
+    root: Path | None = None  # the folder or CSV the paths were read from
+
+    def people(self) -> pd.DataFrame:
+        """Gender and race of each row ("" when unknown), where the layout carries them."""
+        from .sources import ATTRIBUTES, read_attributes
+
+        if self.root is None:
+            return pd.DataFrame({name: [""] * len(self.paths) for name in ATTRIBUTES})
+        return read_attributes(self.paths, self.root, self.layout)
 
     def seen_keys(self, size: int) -> np.ndarray:
         """The image_keys of the train and validation images at `size`: what a model trained
@@ -308,6 +318,8 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
         sizes_seen=dict(sizes_seen),
         unevaluated=unevaluated,
         keys={s: image_keys(a) for s, a in images.items()},
+        layout=fmt,
+        root=path,
     )
     log.info("%s: train %d, val %d, test %d", data.source,
              *(len(splits[name]) for name in SPLITS))

@@ -35,15 +35,38 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
     return float(F.cross_entropy(logits.float() / temperature, labels.long()))
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """The gap between confidence and accuracy, averaged over equal-width confidence bins
-    weighted by how many images fall in each."""
+def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, images) of each non-empty equal-width confidence bin:
+    the points of a reliability diagram."""
     confidence, pred = probs.max(1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    total = 0.0
+    out = []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            total += float(inside.float().mean() * (confidence[inside].mean() - correct[inside].mean()).abs())
-    return total
+            out.append((float(confidence[inside].mean()), float(correct[inside].mean()), int(inside.sum())))
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """The gap between confidence and accuracy, averaged over equal-width confidence bins
+    weighted by how many images fall in each."""
+    points = reliability(probs, labels, bins)
+    n = sum(count for _, _, count in points)
+    return sum(count / n * abs(conf - acc) for conf, acc, count in points) if n else float("nan")
+
+
+def calibration_figures(logits: dict[str, tuple[torch.Tensor, torch.Tensor]], fit: bool = True) -> dict:
+    """For {split: (logits, labels)}: the temperature fitted on "val" (1.0 when not `fit`) and,
+    per split, its size and NLL and ECE before and after: `{split}_n`, `{split}_nll`,
+    `{split}_ece` ([before, after])."""
+    t = fit_temperature(*logits["val"]) if fit else 1.0
+    figures: dict = {"temperature": t}
+    for split, (z, y) in logits.items():
+        figures[f"{split}_n"] = int(len(y))
+        empty = [float("nan")] * 2
+        figures[f"{split}_nll"] = [nll(z, y), nll(z, y, t)] if len(y) else empty
+        figures[f"{split}_ece"] = ([expected_calibration_error(z.softmax(1), y),
+                                    expected_calibration_error((z / t).softmax(1), y)] if len(y) else empty)
+    return figures

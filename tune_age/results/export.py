@@ -441,22 +441,14 @@ def split_images(exp: Experiment, image_size: int, split: str = "val") -> tuple[
 
 def calibrate(exp: Experiment, loaded: LoadedModel) -> dict[str, Any]:
     """The temperature fitted on the validation split, and NLL and ECE before and after on it
-    and on the test split (which the fit never sees)."""
-    from .calibration import expected_calibration_error as ece
-    from .calibration import fit_temperature, nll
+    and on the test split (which the fit never sees); see calibration.calibration_figures."""
+    from .calibration import calibration_figures
 
-    figures: dict[str, Any] = {}
     logits = {}
     for split in ("val", "test"):
         images, labels = split_images(exp, loaded.image_size, split)
         logits[split] = (predict_logits(loaded.model, images, norm=loaded.normalizer()).float().cpu(), labels)
-    t = fit_temperature(*logits["val"])
-    figures["temperature"] = t
-    for split, (z, y) in logits.items():
-        figures[f"{split}_n"] = int(len(y))
-        figures[f"{split}_nll"] = [nll(z, y), nll(z, y, t)] if len(y) else [math.nan] * 2
-        figures[f"{split}_ece"] = ([ece(z.softmax(1), y), ece((z / t).softmax(1), y)] if len(y) else [math.nan] * 2)
-    return figures
+    return calibration_figures(logits)
 
 
 def export_best(

@@ -7,6 +7,8 @@ the best model's confusion matrices.
     plot_importance({"lr": 0.7, "dropout": 0.3}, out / "importance.png")
     plot_confusion(names, confusion, "validation", out / "confusion_val.png")
     plot_groups(names, {"validation": [0.8, ...]}, out / "per_group.png")
+    plot_reliability({"test, as trained": points}, out / "reliability.png")
+    plot_people(by_group, out / "people.png")
 
 Each function writes one file and returns its path (plot_params: None when there is
 nothing to plot). They draw on matplotlib's Agg canvas through `Figure`, never pyplot,
@@ -37,6 +39,21 @@ def _integer_x(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _log_x(ax, values: list[float]) -> None:
+    """A log x axis with at most 4 labels that never overlap: whole decades where the values
+    span two or more, else the smallest and largest value."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    low, high = min(values), max(values)
+    if math.floor(math.log10(high)) - math.ceil(math.log10(low)) >= 1:
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=4))
+    else:
+        ticks = [low, high] if high > low else [low]
+        ax.set_xticks(ticks, [f"{v:.1e}" for v in ticks], fontsize="small")
 
 
 def _save(fig, file: Path) -> Path:
@@ -110,18 +127,31 @@ def plot_params(exp: Experiment, frame: pd.DataFrame, params: list[str], file: P
     colors = ["tab:blue" if s == "completed" else "tab:gray" for s in rows["status"]]
     for i, name in enumerate(params, 1):
         ax = fig.add_subplot(nrows, ncols, i)
-        values = rows[name].tolist()
+        has = rows[name].notna()  # a conditional parameter: only the trials that sampled it
+        values, scores = rows[name][has].tolist(), rows[col][has]
+        shade = [c for c, h in zip(colors, has) if h]
+        spec = specs.get(name) or {}
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if numeric:
-            ax.scatter(values, rows[col], c=colors, s=20)
-            if "loguniform" in (specs.get(name) or {}) and min(values) > 0:
-                ax.set_xscale("log")
+        if values and numeric and "choice" not in spec:
+            ax.scatter(values, scores, c=shade, s=20)
+            distinct = sorted(set(values))
+            if "loguniform" in spec and min(values) > 0:
+                _log_x(ax, values)
             elif all(isinstance(v, int) for v in values):
-                _integer_x(ax)
-        else:
-            labels = sorted({str(v) for v in values})
-            ax.scatter([labels.index(str(v)) for v in values], rows[col], c=colors, s=20)
+                if len(distinct) <= 8:
+                    ax.set_xticks(distinct, [str(v) for v in distinct], fontsize="small")  # the values tried
+                else:
+                    _integer_x(ax)
+        elif values:  # a choice: its values side by side, in the space's order, evenly spaced
+            choices = spec.get("choice", [])
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in choices):
+                choices = sorted(choices)
+            order = [str(v) for v in choices]
+            labels = [v for v in order if v in {str(x) for x in values}] or sorted({str(v) for v in values})
+            labels += sorted({str(v) for v in values} - set(labels))  # a baseline value outside the space
+            ax.scatter([labels.index(str(v)) for v in values], scores, c=shade, s=20)
             ax.set_xticks(range(len(labels)), labels, fontsize="small")
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         if not base.empty:
             ax.axhline(base[col].iloc[0], color="tab:red", linestyle=":", linewidth=1)
         ax.set_title(name, fontsize="medium")
@@ -143,19 +173,61 @@ def plot_importance(importances: dict[str, float], file: Path) -> Path:
 
 
 def plot_confusion(names: list[str], confusion: list[list[int]], title: str, file: Path) -> Path:
-    """Counts in the cells, shaded by the share of each true group (row)."""
+    """Each cell's count and share of its true group (row), shaded by that share on a
+    labelled colour bar; each row's image count beside its name, so that a row of one image
+    is not read as one of many."""
     counts = np.asarray(confusion, dtype=float)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig = _figure(0.55 * len(names) + 2.5, 0.5 * len(names) + 2)
+    totals = counts.sum(1)
+    share = counts / np.maximum(totals[:, None], 1)
+    fig = _figure(0.8 * len(names) + 3.4, 0.6 * len(names) + 2)
     ax = fig.add_subplot()
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    shade = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (r, c), n in np.ndenumerate(counts):
         if n:
-            ax.text(c, r, int(n), ha="center", va="center", fontsize="small",
+            ax.text(c, r, f"{int(n)}\n{share[r, c]:.0%}", ha="center", va="center", fontsize="x-small",
                     color="white" if share[r, c] > 0.6 else "black")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
-    ax.set_yticks(range(len(names)), names, fontsize="small")
-    ax.set(xlabel="predicted group", ylabel="true group", title=title)
+    ax.set_yticks(range(len(names)), [f"{n} (n={int(t)})" for n, t in zip(names, totals)], fontsize="small")
+    ax.set(xlabel="predicted group", ylabel="true group (images)", title=title)
+    fig.colorbar(shade, ax=ax, label="share of the true group's images", shrink=0.8)
+    return _save(fig, file)
+
+
+def plot_reliability(curves: dict[str, list[tuple[float, float, int]]], file: Path) -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line per
+    curve (see calibration.reliability), marker area by the bin's images; the diagonal is a
+    model whose confidence is its accuracy."""
+    fig = _figure(5.2, 4.4)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", label="calibrated")
+    for i, (label, points) in enumerate(curves.items()):
+        if not points:
+            continue
+        conf, acc, n = (np.asarray(v) for v in zip(*points))
+        ax.plot(conf, acc, color=f"C{i}", label=label)
+        ax.scatter(conf, acc, s=12 + 120 * n / n.max(), color=f"C{i}", alpha=0.7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability, bin mean)",
+           ylabel="accuracy in the bin", title="Reliability of the best model")
+    ax.legend(loc="upper left", fontsize="small")
+    return _save(fig, file)
+
+
+def plot_people(by: dict[str, Any], file: Path) -> Path:
+    """Accuracy per value of each attribute (evaluate's by_group), with its 95 % interval and
+    count, one panel per attribute."""
+    fig = _figure(3.6 * len(by), 3.6)
+    for i, (name, part) in enumerate(by.items(), 1):
+        ax = fig.add_subplot(1, len(by), i)
+        values = list(part["values"].items())
+        acc = [r["accuracy"] for _, r in values]
+        low = [r["accuracy"] - r["accuracy_ci"][0] for _, r in values]
+        high = [r["accuracy_ci"][1] - r["accuracy"] for _, r in values]
+        ax.bar(range(len(values)), acc, yerr=[low, high], capsize=3, color=f"C{i - 1}")
+        ax.set_xticks(range(len(values)), [f"{v} ({r['n']})" for v, r in values], rotation=45, ha="right",
+                      fontsize="x-small")
+        ax.set(ylim=(0, 1), title=f"by {name}")
+        if i == 1:
+            ax.set_ylabel("accuracy (95% interval)")
     return _save(fig, file)
 
 

@@ -214,26 +214,34 @@ MIN_GAP_IMAGES = 10  # a subgroup smaller than this is shown but not used for th
 
 def by_group(loaded: LoadedModel, table: pd.DataFrame, pred: np.ndarray, labels: np.ndarray,
              ages: np.ndarray, data: Path, layout: str, by: list[str]) -> dict[str, Any]:
-    """Accuracy, one-off accuracy and MAE per value of each attribute, with counts and Wilson
-    intervals, and the largest accuracy gap between values with at least MIN_GAP_IMAGES."""
+    """group_accuracy of the images in `table` (read from `data`), for evaluate --by."""
     from ..data.sources import detect_format, read_attributes
-    from .intervals import wilson
 
     unknown = [b for b in by if b not in BY]
     if unknown:
         raise ConfigError(f"--by {','.join(by)}: {unknown[0]!r} is not known; choose from {', '.join(BY)}")
     fmt = detect_format(data, loaded.groups) if layout == "auto" else layout
     people = read_attributes(table["path"].tolist(), data, fmt)
-    centers = np.asarray(loaded.groups.centers)
+    return group_accuracy(people, by, loaded.groups, pred, labels, ages, str(data))
+
+
+def group_accuracy(people: pd.DataFrame, by: list[str], groups, pred: np.ndarray, labels: np.ndarray,
+                   ages: np.ndarray, where: str) -> dict[str, Any]:
+    """Accuracy, one-off accuracy and MAE per value of each attribute in `by` (columns of
+    `people`, one row per image, "" when unknown; or "age_group"), with counts and Wilson
+    intervals, and the largest accuracy gap between values with at least MIN_GAP_IMAGES."""
+    from .intervals import wilson
+
+    centers = np.asarray(groups.centers)
     out = {}
     for name in by:
-        values = (np.asarray(loaded.groups.names)[labels] if name == "age_group"
-                  else people[name].to_numpy())
+        values = (np.asarray(groups.names)[labels] if name == "age_group" else people[name].to_numpy())
         if name != "age_group" and not any(values):
-            raise DataError(f"{data}: no {name} is known for these images (a CSV column {name!r}, or "
+            raise DataError(f"{where}: no {name} is known for these images (a CSV column {name!r}, or "
                             "UTKFace names age_gender_race_date, carry it)")
         rows = {}
-        for value in sorted(set(values) - {""}, key=str):
+        present = set(values) - {""}
+        for value in ([n for n in groups.names if n in present] if name == "age_group" else sorted(present, key=str)):
             mask = values == value
             n = int(mask.sum())
             acc = float((pred[mask] == labels[mask]).mean())
@@ -245,7 +253,8 @@ def by_group(loaded: LoadedModel, table: pd.DataFrame, pred: np.ndarray, labels:
         big = {k: r for k, r in rows.items() if r["n"] >= MIN_GAP_IMAGES}
         gap = None
         if len(big) >= 2:
-            hi, lo = max(big, key=lambda k: big[k]["accuracy"]), min(big, key=lambda k: big[k]["accuracy"])
+            ordered = sorted(big, key=lambda k: big[k]["accuracy"])
+            lo, hi = ordered[0], ordered[-1]
             gap = {"highest": hi, "lowest": lo, "accuracy_gap": big[hi]["accuracy"] - big[lo]["accuracy"],
                    "beyond_intervals": big[hi]["accuracy_ci"][0] > big[lo]["accuracy_ci"][1]}
         out[name] = {"values": rows, "largest_gap": gap, "unknown": int((values == "").sum())}

@@ -81,7 +81,8 @@ class Doc:
         cells = [[str(c) for c in r] for r in rows]
         self.md.append(markdown_table(header, cells).rstrip())
         head = "".join(f"<th>{_inline(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells)
+        body = "".join("<tr>" + "".join(f"<td class=\"text\">{_inline(c)}</td>" if len(c) > LONG_CELL
+                                        else f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells)
         self.body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
     def img(self, file: Path, alt: str) -> None:
@@ -103,11 +104,13 @@ class Doc:
 
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;"
-    "color:#222}table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}"
-    "td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f3f3f3}"
+    "color:#222;overflow-wrap:anywhere}table{border-collapse:collapse;margin:1rem 0;font-size:.9rem;"
+    "max-width:100%}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right;white-space:nowrap}"
+    "td.text{white-space:normal;text-align:left}th{background:#f3f3f3}"
     "td:first-child,th:first-child{text-align:left}code{background:#f3f3f3;padding:0 .2rem}"
-    "img{max-width:100%}figure{margin:1rem 0}figcaption{color:#666;font-size:.85rem}"
+    "img{max-width:100%;height:auto}figure{margin:1rem 0}figcaption{color:#666;font-size:.85rem}"
 )
+LONG_CELL = 32  # characters: a longer cell (an error, a path) wraps; numbers never do
 
 
 def _inline(text: str) -> str:
@@ -384,14 +387,16 @@ def _best_section(exp: Experiment, scored: pd.DataFrame, base: pd.DataFrame, sea
         doc.p("No trial has a score yet.")
         return
     rank = {t: i for i, t in enumerate(scored["trial_id"], 1)}
-    rows = []
-    for r in shown.to_dict("records"):
-        name = r["trial_id"] + (" (seed baseline)" if r["baseline"] else "")
-        at = None if pd.isna(r["best_epoch"]) else int(r["best_epoch"])
-        rows.append([rank.get(r["trial_id"], "-"), name, r["status"], r["epochs"], fmt_score(r[f"best_{metric}"]),
-                     fmt(at), fmt_score(r[f"last_{metric}"])] + [fmt(r[p]) for p in searched])
-    header = ["rank", "trial", "status", "epochs", f"best {metric}", "at epoch", f"last {metric}"]
-    doc.table(header + searched, rows)
+    records = shown.to_dict("records")
+    # One column per trial, one row per field: as many searched parameters as a space has
+    # still fit the page, and every value stays on one line.
+    columns = [r["trial_id"] + (" (seed baseline)" if r["baseline"] else "") for r in records]
+    fields = [("rank", lambda r: rank.get(r["trial_id"], "-")), ("status", lambda r: r["status"]),
+              ("epochs", lambda r: r["epochs"]), (f"best {metric}", lambda r: fmt_score(r[f"best_{metric}"])),
+              ("at epoch", lambda r: fmt(None if pd.isna(r["best_epoch"]) else int(r["best_epoch"]))),
+              (f"last {metric}", lambda r: fmt_score(r[f"last_{metric}"]))]
+    fields += [(p, lambda r, p=p: fmt(r[p])) for p in searched]
+    doc.table([""] + columns, [[name] + [get(r) for r in records] for name, get in fields])
     doc.p("The seed baseline is the original notebook's configuration, trained the same way; "
           "its values of the searched parameters are its own, outside the space where they differ.")
     if not scored.empty:
@@ -557,7 +562,107 @@ def _model_sections(exp: Experiment, doc: Doc, summary: list[str], out: Path) ->
               group_rows)
     plots.append(plot_groups(names, series, out / "per_group.png"))
     doc.img(plots[-1], "Accuracy within each age group")
+    plots += _calibration_section(exp, ref, data, doc, summary, out)
+    if test is not None:
+        plots += _people_section(data, test, doc, summary, out)
     return plots
+
+
+def _calibration_section(exp: Experiment, ref: CheckpointRef, data, doc: Doc, summary: list[str],
+                         out: Path) -> list[Path]:
+    """How far the best model's confidence is from its accuracy, on validation and test,
+    as trained and after temperature scaling fitted on validation (what export --calibrate
+    does); not fitted where the model trained on validation images (cross-validation)."""
+    import torch
+
+    from ..training.engine import predict_logits
+    from .calibration import ECE_BINS, calibration_figures, reliability
+    from .plots import plot_reliability
+
+    doc.h(2, "Calibration")
+    loaded = load_model(ref.path)
+    logits = {}
+    for split in ("val", "test"):
+        rows = data.splits[split]
+        if len(rows):
+            images = torch.from_numpy(np.ascontiguousarray(data.images[loaded.image_size][rows]))
+            z = predict_logits(loaded.model, images, norm=loaded.normalizer()).float().cpu() / loaded.temperature
+            logits[split] = (z, torch.from_numpy(np.asarray(data.labels[rows], dtype=np.int64)))
+    folds = int((exp.meta.get("cv") or {}).get("folds", 1) or 1)
+    fit = folds == 1 and "val" in logits
+    figures = calibration_figures(logits, fit=fit)
+    t = figures["temperature"]
+    names = {"val": "validation", "test": "test"}
+    rows = [[names[split], figures[f"{split}_n"], f"{figures[f'{split}_ece'][0]:.4f}",
+             f"{figures[f'{split}_ece'][1]:.4f}" if fit else "-", f"{figures[f'{split}_nll'][0]:.4f}",
+             f"{figures[f'{split}_nll'][1]:.4f}" if fit else "-"] for split in logits]
+    doc.table(["split", "images", "ECE as trained", "ECE scaled", "NLL as trained", "NLL scaled"], rows)
+    if fit:
+        doc.p(f"Expected calibration error ({ECE_BINS} equal-width confidence bins) and negative log-likelihood "
+              f"of the best model, as trained and with its logits divided by a temperature of {t:.3f} fitted "
+              "on the validation split (so its validation figures after scaling are in-sample; the test "
+              "split is the honest one). `tune-age export EXP --calibrate` puts this temperature inside the "
+              "exported model, so the probabilities `predict` prints are the scaled ones.")
+    else:
+        doc.p(f"Expected calibration error and negative log-likelihood of the best model as trained. No "
+              f"temperature is fitted: the trial cross-validated {folds} folds, so its model trained on part "
+              "of the validation split, where the temperature would be fitted.")
+    curves = {}
+    for split, (z, y) in logits.items():
+        curves[f"{names[split]}, as trained"] = reliability(z.softmax(1), y)
+        if fit and split == "test":
+            curves[f"{names[split]}, temperature {t:.2f}"] = reliability((z / t).softmax(1), y)
+    png = plot_reliability(curves, out / "reliability.png")
+    doc.img(png, "Reliability diagram: accuracy against confidence per confidence bin (marker size: images)")
+    split = "test" if "test" in logits else "val"
+    ece = figures[f"{split}_ece"]
+    summary.append(f"calibration on {names[split]}: ECE {ece[0]:.4f} as trained"
+                   + (f", {ece[1]:.4f} at temperature {t:.3f} (fitted on validation)" if fit else ""))
+    return [png]
+
+
+def _people_section(data, test: dict[str, Any], doc: Doc, summary: list[str], out: Path) -> list[Path]:
+    """Accuracy by gender, race and age group of the best model on the test split, where the
+    data says who is in each photo (a CSV's columns, UTKFace names)."""
+    from .plots import plot_people
+    from .predict import MIN_GAP_IMAGES, group_accuracy
+
+    doc.h(2, "Accuracy by group of people")
+    rows = data.splits["test"]
+    people = data.people().iloc[rows].reset_index(drop=True)
+    known = [name for name in ("gender", "race") if people[name].astype(bool).any()]
+    if not known:
+        doc.p(f"The data ({data.layout or 'its layout'}) does not say the gender or race of the people in its "
+              "photos (a CSV's `gender` and `race` columns, or UTKFace names, would); by age group see above.")
+        return []
+    pred, labels = test["pred"], test["target"]
+    by = group_accuracy(people, known + ["age_group"], data.groups, pred, labels, data.ages[rows],
+                        data.root or data.source)
+    doc.p(f"The best model on the test split's {len(rows)} images, per group of people: accuracy, one-off "
+          "accuracy (within one age group) and mean absolute error of the predicted group's centre, with "
+          f"95% Wilson intervals. The largest gap is between groups of {MIN_GAP_IMAGES} or more images.")
+    for name, part in by.items():
+        doc.h(3, f"By {name.replace('_', ' ')}")
+        doc.table([name, "images", "accuracy", "95% interval", "one-off", "MAE (years)"],
+                  [[value, r["n"], f"{r['accuracy']:.3f}", f"{r['accuracy_ci'][0]:.3f}-{r['accuracy_ci'][1]:.3f}",
+                    f"{r['one_off']:.3f}", "-" if r["mae"] is None else f"{r['mae']:.1f}"]
+                   for value, r in part["values"].items()])
+        if part["unknown"]:
+            doc.p(f"{part['unknown']} image(s) with no {name} known are in no row.")
+        gap = part["largest_gap"]
+        if gap:
+            sure = ("beyond both intervals" if gap["beyond_intervals"]
+                    else "within the intervals, so on this many images it may be noise")
+            line = (f"Largest gap by {name}: {gap['accuracy_gap']:.3f} in accuracy ({gap['highest']} over "
+                    f"{gap['lowest']}), {sure}.")
+            doc.p(line)
+            if name != "age_group":
+                summary.append(line.rstrip("."))
+        else:
+            doc.p(f"No gap by {name} is named: fewer than two of its groups have {MIN_GAP_IMAGES} images.")
+    png = plot_people(by, out / "people.png")
+    doc.img(png, "Accuracy of the best model on the test split by group of people (count in brackets)")
+    return [png]
 
 
 def _rerun_section(exp: Experiment, rerun: dict[str, Any], doc: Doc, summary: list[str]) -> None:
