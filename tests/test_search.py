@@ -207,3 +207,83 @@ def test_every_trial_writes_tensorboard_events_of_its_epochs(small_search):
             i += 16 + n
             curve.update({event.step: v.simple_value for v in event.summary.value if v.tag == "ray/tune/val_acc"})
         assert curve == {r["epoch"]: pytest.approx(r["val_acc"]) for r in result_lines(folder)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 with a SQLite backend and a local
+    artifact store, in a temporary folder."""
+    import time
+    import urllib.request
+
+    root, port = tmp_path_factory.mktemp("mlflow"), free_port()
+    serve = "import sys; from mlflow.cli import cli; sys.exit(cli())"  # its console script
+    server = subprocess.Popen([sys.executable, "-c", serve, "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"))
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (root / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the MLflow server did not answer within 120 s")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_mlflow_logs_each_trial_as_a_run_with_its_epochs_and_best_checkpoint(mlflow_server, tmp_path, capsys):
+    import hashlib
+
+    import mlflow
+
+    from tune_age.cli import main
+    from tune_age.results.export import best_of, trial_checkpoints
+    from tune_age.search.tracking import read_trials
+
+    # A server that is not there: one line, before anything is written.
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["search", "--synthetic-n", str(SMALL_N), "--storage", str(tmp_path), "--name", "none",
+                 "--mlflow", dead]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and f"--mlflow {dead}: the MLflow tracking server did not answer" in err[0]
+    assert not (tmp_path / "none").exists()
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tune_age", "search", "--synthetic-n", str(SMALL_N), "--space", "quick",
+         "--num-samples", "3", "--max-epochs", "2", "--storage", str(tmp_path), "--name", "tracked",
+         "--cv", "1", "--mlflow", mlflow_server], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = tmp_path / "tracked"
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    log = read_trials(exp / "trials.jsonl")
+    assert sorted(r.data.tags["tune_age.trial_id"] for r in runs) == sorted(log)
+    for run in runs:
+        entry = log[run.data.tags["tune_age.trial_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["tune_age.baseline"] == str(bool(entry["config"].get("_baseline")))
+        for key in ("lr", "batch_size", "conv_layers"):
+            assert run.data.params[key] == str(entry["config"][key])
+        curve = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+        assert curve == {r["epoch"]: pytest.approx(r["val_acc"]) for r in result_lines(exp / entry["dir"])}
+        best = best_of(trial_checkpoints(exp / entry["dir"]), "val_acc")
+        assert run.data.tags["tune_age.best_epoch"] == str(best.epoch)
+        got = client.download_artifacts(run.info.run_id, "best_checkpoint/checkpoint.pt", str(tmp_path / run.info.run_id))
+        digest = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in (got, best.path)]
+        assert digest[0] == digest[1]

@@ -159,7 +159,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget, name=args.name or time.strftime("search-%Y%m%d-%H%M%S"),
         resume=args.resume, seed=args.seed, scheduler=args.scheduler, searcher=args.searcher,
         baseline_first=not args.no_baseline, max_failures=args.max_failures, weights_dir=args.weights_dir,
-        cv=args.cv, warm_start=args.warm_start, objectives=args.objectives,
+        cv=args.cv, warm_start=args.warm_start, objectives=args.objectives, mlflow=args.mlflow,
     )
     exp_dir, _ = experiment_dir(search)
     fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path",
@@ -503,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", help="a multi-objective search: the metric, then latency_ms, "
                    "latency64_ms (batch 64) or params, comma-separated, e.g. val_acc,latency_ms; each "
                    "trial times its model on its device; ASHA prunes on the metric")
+    p.add_argument("--mlflow", metavar="URI", help="log each trial as a run on this MLflow tracking "
+                   "server (parameters, per-epoch metrics, best checkpoint); needs tune_age[mlflow]")
     p.add_argument("--warm-start", metavar="EXP", help="seed the new search's study with the trials of "
                    "an earlier search (its folder) whose configurations fit this space")
     p.set_defaults(func=cmd_search)

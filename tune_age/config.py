@@ -299,6 +299,7 @@ class SearchConfig(_Config):
     cv: Union[int, None] = None  # folds of train+val per trial; None: 5 when val < 200 images, else 1
     warm_start: Union[str, None] = None  # an earlier search's folder: its fitting trials seed the study
     objectives: Union[str, None] = None  # "val_acc,latency_ms": a multi-objective study, the metric first
+    mlflow: Union[str, None] = None  # an MLflow tracking URI: each trial logged there as a run
 
     _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS}
     _ranges = {

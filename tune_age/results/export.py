@@ -85,9 +85,15 @@ class CheckpointRef:
 def list_checkpoints(exp: Experiment) -> list[CheckpointRef]:
     """Every readable checkpoint of every trial folder, in folder and epoch order."""
     by_dir = {t.get("dir"): t for t in exp.trials.values() if t.get("dir")}
+    return [ref for folder in sorted({f.parent.parent for f in exp.path.glob(f"*/{CHECKPOINT_GLOB}")})
+            for ref in trial_checkpoints(folder, by_dir.get(folder.name, {}))]
+
+
+def trial_checkpoints(folder: Path, entry: dict[str, Any] | None = None) -> list[CheckpointRef]:
+    """The readable checkpoints of one trial folder, in epoch order; `entry` its trial-log entry."""
+    entry = entry or {}
     refs = []
-    for file in sorted(exp.path.glob(f"*/{CHECKPOINT_GLOB}")):
-        folder = file.parent.parent.name
+    for file in sorted(folder.glob(CHECKPOINT_GLOB)):
         try:
             # mmap: only the small metadata is read, not the weights.
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -96,10 +102,9 @@ def list_checkpoints(exp: Experiment) -> list[CheckpointRef]:
             continue
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             continue
-        entry = by_dir.get(folder, {})
         refs.append(CheckpointRef(
             path=file,
-            trial_id=entry.get("trial_id", folder.removeprefix("trial_")),
+            trial_id=entry.get("trial_id", folder.name.removeprefix("trial_")),
             epoch=int(state.get("epoch", 0)),
             metrics=dict(state.get("metrics") or {}),
             baseline=is_baseline(entry),

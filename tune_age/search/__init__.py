@@ -314,6 +314,10 @@ def run_search(
     and DataConfig fields the user set explicitly (the CLI's flags), checked on a resume
     against the search's own even where they equal the defaults."""
     exp_dir, name = experiment_dir(search)
+    if search.mlflow:  # an unreachable server: said now, not by a callback halfway through
+        from .mlflow_runs import check_server
+
+        check_server(search.mlflow)
     if search.resume:
         _check_resumable(exp_dir, name)  # before the lock, which would make the folder
     with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
@@ -343,6 +347,10 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         search, data_cfg = resumed_settings(meta, search, data_cfg, given)
         if asked and asked > plan.num_samples:
             plan.num_samples = asked  # --resume --num-samples N grows the search
+        if search.mlflow:  # the resumed search logs where it began logging
+            from .mlflow_runs import check_server
+
+            check_server(search.mlflow)
     warm, warm_note = [], None
     if search.warm_start and not search.resume:  # a resumed search's study has them already
         from .warm import describe, warm_trials
@@ -398,6 +406,11 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     # node maps it; the driver's own decoded copy would only hold the data set twice.
     del data
     callbacks = [TrialLog(plan.exp_dir, search.metric, search.mode, plan.max_epochs)]
+    if search.mlflow:
+        from .mlflow_runs import MLflowRuns
+
+        callbacks.append(MLflowRuns(search.mlflow, plan.name, search.metric, plan.exp_dir))
+        say(f"MLflow: each trial a run in experiment {plan.name!r} at {search.mlflow}")
     run_config = tune.RunConfig(
         name=plan.name,
         storage_path=str(plan.exp_dir.parent),
