@@ -161,7 +161,6 @@ def test_near_duplicates_by_perceptual_hash(tmp_path):
 # --- 4. one preprocessing for training, predict and the exported model ----------------------
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 @pytest.mark.parametrize("square", ["crop", "pad"])
 def test_predict_and_the_exported_model_see_the_same_pixels(tmp_path, square):
     photos = [face_png(tmp_path / "wide.png", 1, (71, 40)), face_png(tmp_path / "tall.png", 2, (33, 58))]
@@ -172,9 +171,18 @@ def test_predict_and_the_exported_model_see_the_same_pixels(tmp_path, square):
     loaded = load_model(tmp_path / "model.pt")
     loaded.square = square
     rows, _ = predict(loaded, photos, top=10)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        script = torch.jit.script(Packaged(loaded.model, loaded.mean, loaded.std, 16, square))
+    packaged = Packaged(loaded.model, loaded.mean, loaded.std, 16, square).eval()
+    example = torch.zeros(2, 3, 20, 30, dtype=torch.uint8)  # the program keeps N, H and W dynamic
+    dims = {0: torch.export.Dim("n", max=64), 2: torch.export.Dim("h", min=2, max=4096),
+            3: torch.export.Dim("w", min=2, max=4096)}
+    program = torch.export.export(packaged, (example,), dynamic_shapes={"images": dims}).module()
+    # The ONNX export, as `export --onnx` writes it (it checks itself on these images first).
+    import onnxruntime
+
+    from tune_age.results.export import _write_onnx
+
+    _write_onnx(loaded, tmp_path / "model.onnx", torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), {})
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     for photo, row in zip(photos, rows):
         pixels = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB")).copy()).permute(2, 0, 1)[None]
         # The exported preprocessing gives the pixels the decode cache holds...
@@ -185,9 +193,9 @@ def test_predict_and_the_exported_model_see_the_same_pixels(tmp_path, square):
         names = sorted(loaded.groups.names)
         order = [loaded.groups.names.index(n) for n in names]
         with torch.no_grad():
-            for x in (pixels, pixels.float() / 255):
-                got = script(x)[0, order]
-                assert torch.allclose(got, expected, atol=1e-5), (photo.name, got, expected)
+            onnx_probs = torch.from_numpy(session.run(None, {"images": pixels.numpy()})[0])
+            for got in (packaged(pixels), packaged(pixels.float() / 255), program(pixels), onnx_probs):
+                assert torch.allclose(got[0, order], expected, atol=1e-5), (photo.name, got, expected)
 
 
 # --- 5. groups too small to be evaluated ----------------------------------------------------

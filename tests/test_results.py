@@ -29,7 +29,7 @@ from tune_age.data import load_data
 from tune_age.data.groups import make_groups
 from tune_age.training.engine import Normalizer, evaluate, predict_logits
 from tune_age.errors import ArtifactError, TuneAgeError
-from tune_age.results.export import best_checkpoint, load_model, payload_sha256
+from tune_age.results.export import Packaged, best_checkpoint, load_model, payload_sha256
 from tune_age.models import build_model
 from tune_age.results.predict import evaluate_arrays
 from tune_age.results.report import param_importance
@@ -55,7 +55,7 @@ def one_line_error(err: str) -> str:
 @pytest.fixture(scope="module")
 def exported(small_search, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "best.pt"
-    assert main(["export", str(small_search), "--out", str(out), "--torchscript"]) == 0
+    assert main(["export", str(small_search), "--out", str(out), "--pt2"]) == 0
     return out
 
 
@@ -417,18 +417,31 @@ def test_export_without_a_completed_trial(tmp_path, capsys):
     assert not (tmp_path / "best.pt").exists()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated, still the torch-only format
-def test_torchscript_has_the_preprocessing_built_in(exported):
+def test_pt2_program_has_the_preprocessing_built_in_and_takes_any_size(exported, small_search, capsys):
     loaded = load_model(exported)
-    script = torch.jit.load(str(exported.with_name("best.torchscript.pt")))
+    program = torch.export.load(exported.with_name("best.pt2"))
+    meta = json.loads(_extra(exported.with_name("best.pt2")))
+    assert meta["groups"]["names"] == loaded.groups.names and meta["export_sha256"] == loaded.sha256
+    run_it = program.module()
     size = loaded.image_size
     images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
     expected = torch.softmax(predict_logits(loaded.model, images, norm=loaded.normalizer()), 1)
     with torch.no_grad():
-        assert torch.allclose(script(images), expected, atol=1e-5)
-        assert torch.allclose(script(images.float() / 255), expected, atol=1e-5)
-        larger = torch.nn.functional.interpolate(images.float(), scale_factor=2.0) / 255
-        assert script(larger).shape == (3, len(loaded.groups))
+        assert torch.allclose(run_it(images), expected, atol=1e-5)
+        for h, w in ((size, 2 * size), (3 * size, size), (size + 7, size + 1)):  # wide, tall, odd
+            photo = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
+            assert torch.allclose(run_it(photo), Packaged(loaded.model, loaded.mean, loaded.std, size,
+                                                          loaded.square)(photo), atol=1e-5)
+    # The old flag says what replaced it, in one line.
+    code, _, err = run(capsys, "export", small_search, "--out", exported.with_name("old.pt"), "--torchscript")
+    assert code == 2 and "--torchscript was replaced by --pt2" in one_line_error(err)
+    assert not exported.with_name("old.pt").exists()
+
+
+def _extra(path: Path) -> str:
+    extra = {"tune_age.json": ""}
+    torch.export.load(path, extra_files=extra)
+    return extra["tune_age.json"]
 
 
 def test_onnx_export_runs_in_onnxruntime_as_predict_does_or_is_not_written(small_search, tmp_path, capsys, monkeypatch):
@@ -457,7 +470,7 @@ def test_onnx_export_runs_in_onnxruntime_as_predict_does_or_is_not_written(small
     for name, p in zip(loaded.groups.names, probs[1]):
         assert p == pytest.approx(expected[name], abs=1e-4)
     # An export that does not agree with PyTorch is refused and leaves no file.
-    monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)
+    monkeypatch.setattr(export, "EXPORT_TOLERANCE", -1.0)
     code, _, err = run(capsys, "export", small_search, "--out", tmp_path / "again.pt", "--onnx")
     assert code == 2 and "the ONNX export disagrees with PyTorch" in err and "not written" in err
     assert not (tmp_path / "again.onnx").exists()
@@ -467,7 +480,7 @@ def test_calibrated_export_divides_logits_by_the_fitted_temperature_everywhere(s
     from tune_age.results.calibration import fit_temperature, nll
 
     out = tmp_path / "cal.pt"
-    code, printed, _ = run(capsys, "export", small_search, "--out", out, "--calibrate", "--torchscript")
+    code, printed, _ = run(capsys, "export", small_search, "--out", out, "--calibrate", "--pt2")
     assert code == 0 and "calibrated: temperature" in printed and "not used to fit" in printed
     loaded = load_model(out)
     t = loaded.temperature
@@ -477,9 +490,9 @@ def test_calibrated_export_divides_logits_by_the_fitted_temperature_everywhere(s
     from tune_age.results.predict import probabilities
 
     assert torch.allclose(probabilities(loaded, images), torch.softmax(logits / t, 1), atol=1e-6)
-    script = torch.jit.load(str(tmp_path / "cal.torchscript.pt"))
+    program = torch.export.load(tmp_path / "cal.pt2").module()
     with torch.no_grad():
-        assert torch.allclose(script(images), torch.softmax(logits / t, 1), atol=1e-5)
+        assert torch.allclose(program(images), torch.softmax(logits / t, 1), atol=1e-5)
     # The fit minimizes the validation NLL: no worse there than the model as trained.
     from tune_age.results.export import split_images
 
@@ -618,8 +631,8 @@ def test_files_that_are_not_tune_age_models(tmp_path, exported):
         load_model(plain)
     with pytest.raises(ArtifactError, match="notes.pt: not a tune_age export or checkpoint"):
         load_model(text)
-    with pytest.raises(ArtifactError, match="TorchScript"):
-        load_model(exported.with_name("best.torchscript.pt"))
+    with pytest.raises(ArtifactError, match="torch.export program"):
+        load_model(exported.with_name("best.pt2"))
     with pytest.raises(ArtifactError, match="no such file"):
         load_model(tmp_path / "missing.pt")
     assert issubclass(ArtifactError, TuneAgeError)

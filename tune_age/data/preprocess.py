@@ -10,7 +10,7 @@ of them reads it:
 `crop` cuts the centred square of side min(H, W); `pad` scales the long side to `size`
 and pads the short one with black, centred. Resizing is bilinear with antialiasing
 (a box-like filter when shrinking), and the result is rounded to whole 0-255 values as the
-uint8 cache stores them. Written in plain torch so that TorchScript and torch.export take it.
+uint8 cache stores them. Written in plain torch so that torch.export and the ONNX exporter take it.
 """
 
 from __future__ import annotations
@@ -25,22 +25,23 @@ SQUARE_MODES = ("crop", "pad")
 
 def square_resize(images: torch.Tensor, size: int, square: str) -> torch.Tensor:
     """N x 3 x H x W pixels in 0-255 (uint8 or float) -> N x 3 x size x size float, rounded."""
+    # Written for symbolic sizes too (the ONNX and torch.export programs keep H and W
+    # dynamic): sizes only through sym_min/sym_max and arithmetic, no int() of one and no
+    # branch on one (bilinear at the same size is the identity), and index_select rather
+    # than a view (a narrowed view makes the exporter guard on which side is longer).
     x = images.float()
+    h, w = x.shape[-2], x.shape[-1]
     if square == "crop":
-        # Written for symbolic sizes too (the ONNX export keeps H and W dynamic): no int() of
-        # a size, no branch on one (bilinear at the same size is the identity), narrow, not
-        # slicing (whose length would be unknown).
-        h, w = x.shape[-2], x.shape[-1]
-        side = min(h, w) if torch.jit.is_scripting() else torch.sym_min(h, w)  # (TorchScript: ints)
-        x = x.narrow(2, (h - side) // 2, side).narrow(3, (w - side) // 2, side)
+        side = torch.sym_min(h, w)
+        rows = torch.arange(side, device=x.device) + (h - side) // 2
+        cols = torch.arange(side, device=x.device) + (w - side) // 2
+        x = x.index_select(2, rows).index_select(3, cols)
         x = F.interpolate(x, size=[size, size], mode="bilinear", align_corners=False, antialias=True)
     else:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        scale = size / max(h, w)
-        ih = max(1, int(math.floor(h * scale + 0.5)))
-        iw = max(1, int(math.floor(w * scale + 0.5)))
-        if ih != h or iw != w:
-            x = F.interpolate(x, size=[ih, iw], mode="bilinear", align_corners=False, antialias=True)
+        scale = size / torch.sym_max(h, w)
+        ih = torch.sym_max(1, math.floor(h * scale + 0.5))
+        iw = torch.sym_max(1, math.floor(w * scale + 0.5))
+        x = F.interpolate(x, size=[ih, iw], mode="bilinear", align_corners=False, antialias=True)
         top, left = (size - ih) // 2, (size - iw) // 2
         x = F.pad(x, [left, size - iw - left, top, size - ih - top])
     return x.round().clamp(0.0, 255.0)

@@ -15,11 +15,12 @@ epoch of any trial, not the last epoch of the best trial. The file is a plain di
 
 `sha256` covers everything else in the file (tensors by dtype, shape and bytes), so an
 edited or damaged export is refused. It is written to a temporary file and renamed
-into place, and never replaces an existing file unless asked to. `--torchscript` adds
-`<name>.torchscript.pt`: the network with its preprocessing (uint8 or [0, 1] float
-N x 3 x H x W in, made square and resized by the same `preprocess.square_resize` that
-training's decoding uses, probabilities out), which needs only torch:
-`torch.jit.load(path)(images)`.
+into place, and never replaces an existing file unless asked to. `--pt2` adds
+`<name>.pt2`, a torch.export program of the network with its preprocessing (uint8 RGB
+N x 3 x H x W in, any N, H and W, made square and resized by the same
+`preprocess.square_resize` that training's decoding uses, probabilities out), which needs
+only torch: `torch.export.load(path).module()(images)`; `--onnx` the same as ONNX. Both
+check themselves against PyTorch before they are written (see `_check_program`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "tune_age.export"
 EXPORT_VERSION = 1
-TORCHSCRIPT_FORMAT = "tune_age.torchscript"
 CHECKPOINT_GLOB = "checkpoint_*/checkpoint.pt"
 FORMATS = {EXPORT_FORMAT: EXPORT_VERSION, CHECKPOINT_FORMAT: CHECKPOINT_VERSION}
 REQUIRED = ("model", "config", "groups", "norm", "image_size")
@@ -223,10 +223,11 @@ def read_artifact(path: str | Path) -> dict[str, Any]:
             "checkpoint holds only tensors and plain values, so nothing in this file was run"
         ) from None
     except Exception as exc:
-        torchscript = "TorchScript" in str(exc)
+        program = "TorchScript" in str(exc) or path.suffix == ".pt2"
         raise ArtifactError(
-            f"{path}: this is a TorchScript file; load it with torch.jit.load, or give the .pt export"
-            if torchscript else
+            f"{path}: this is a TorchScript file or torch.export program; load it with torch.jit.load or "
+            "torch.export.load(path).module(), or give the .pt export"
+            if program else
             f"{path}: not a tune_age export or checkpoint (torch cannot read it: "
             f"{type(exc).__name__}); it may be damaged or another kind of file"
         ) from None
@@ -296,7 +297,7 @@ class ExportResult:
     checkpoint: CheckpointRef
     metric: str
     sha256: str
-    torchscript: Path | None = None
+    program: dict[str, Any] | None = None  # path and the self-check's figures of the .pt2 export
     not_kept: str | None = None  # a better epoch that result.json reports but Ray did not keep
     refit: dict[str, Any] | None = None  # test metrics of the model retrained on train+val
     folds: int | None = None  # the trial cross-validated this many folds (without --refit)
@@ -328,14 +329,13 @@ class ExportResult:
                        f"{c['val_ece'][0]:.3f} -> {c['val_ece'][1]:.3f}; on the test split ({c['test_n']} images, "
                        f"not used to fit): ECE {c['test_ece'][0]:.3f} -> {c['test_ece'][1]:.3f}")
         out.append(f"wrote {self.path} (sha256 {self.sha256[:16]}...)")
-        if self.torchscript:
-            out.append(f"wrote {self.torchscript} (TorchScript with preprocessing; needs only torch)")
-        if self.onnx:
-            o = self.onnx
-            out.append(f"wrote {o['path']} (ONNX with preprocessing; uint8 RGB N x 3 x H x W in, any batch and "
-                       f"size): onnxruntime agrees with PyTorch on the {o['images']} validation images and "
-                       f"{o['non_square']} non-square versions of them: same groups, probabilities within "
-                       f"{o['max_diff']:.1e}")
+        for o, what, runner in ((self.program, "torch.export program", "the loaded program"),
+                                (self.onnx, "ONNX", "onnxruntime")):
+            if o:
+                out.append(f"wrote {o['path']} ({what} with preprocessing; uint8 RGB N x 3 x H x W in, any batch "
+                           f"and size): {runner} agrees with PyTorch on the {o['images']} validation images and "
+                           f"{o['non_square']} non-square versions of them: same groups, probabilities within "
+                           f"{o['max_diff']:.1e}")
         if self.not_kept:
             out.append(f"note: {self.not_kept}")
         return out
@@ -359,8 +359,8 @@ def better_epoch_not_kept(exp: Experiment, ref: CheckpointRef, metric: str) -> s
     return None
 
 
-def torchscript_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}.torchscript{out.suffix or '.pt'}")
+def program_path(out: Path) -> Path:
+    return out.with_suffix(".pt2")
 
 
 def onnx_path(out: Path) -> Path:
@@ -368,7 +368,8 @@ def onnx_path(out: Path) -> Path:
 
 
 ONNX_FORMAT = "tune_age.onnx/1"
-ONNX_TOLERANCE = 1e-4  # largest probability difference from PyTorch the export accepts
+PROGRAM_FORMAT = "tune_age.pt2/1"
+EXPORT_TOLERANCE = 1e-4  # largest probability difference from PyTorch an exported program may have
 ONNX_INSTALL = 'pip install "tune_age[onnx]" (onnx, onnxruntime and onnxscript)'
 
 
@@ -376,7 +377,7 @@ def _write_onnx(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance
     """An ONNX model of the network with its preprocessing (Packaged: uint8 RGB, dynamic
     batch, height and width), the groups and provenance in its metadata; written only if
     onnxruntime gives the same groups as PyTorch on `images` (the validation split, and
-    non-square versions of some) with probabilities within ONNX_TOLERANCE."""
+    non-square versions of some) with probabilities within EXPORT_TOLERANCE."""
     import contextlib
     import io
 
@@ -386,51 +387,32 @@ def _write_onnx(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise ConfigError(f"--onnx needs the ONNX packages: {ONNX_INSTALL}") from None
-    if loaded.square != "crop":
-        raise ConfigError("--onnx: this model pads its images square (square=pad); the ONNX export "
-                          "crops only so far; use --torchscript")
     packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square,
                         loaded.temperature).eval()
-    dims = {0: torch.export.Dim("batch", max=65536), 2: torch.export.Dim("height", min=2, max=65536),
-            3: torch.export.Dim("width", min=2, max=65536)}
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(packaged, (images[:2],), tmp, dynamic_shapes={"images": dims},
+            torch.onnx.export(packaged, (images[:2],), tmp, dynamic_shapes={"images": _dims()},
                               input_names=["images"], output_names=["probabilities"], dynamo=True,
                               opset_version=18)
         model = onnx.load(tmp)
         meta = {"format": ONNX_FORMAT, "groups": loaded.groups.to_dict(), "image_size": loaded.image_size,
-                "input": "uint8 RGB, N x 3 x H x W, any N, H, W; made square by a centre crop and resized "
-                         "to image_size as in training", "output": "probabilities, N x len(groups)",
+                "input": INPUT, "square": loaded.square, "output": "probabilities, N x len(groups)",
                 "export_sha256": loaded.sha256, "provenance": provenance}
         del model.metadata_props[:]
         for key, value in (("tune_age", json.dumps(meta, default=str)), ("groups", ",".join(loaded.groups.names))):
             model.metadata_props.add(key=key, value=value)
         onnx.save(model, tmp)
         session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        side = images.shape[-1]
-        wide = torch.cat([images[:8], images[:8].flip(3)[..., : max(1, side // 2)]], dim=3)  # S x 1.5 S
-        tall = torch.cat([images[:8], images[:8].flip(2)[..., : max(1, side // 3), :]], dim=2)  # 1.33 S x S
-        differ, diff, count = 0, 0.0, 0
-        for batch in [*images.split(256), wide, tall]:
-            with torch.no_grad():
-                mine = packaged(batch).numpy()
-            theirs = session.run(None, {"images": batch.numpy()})[0]
-            differ += int((mine.argmax(1) != theirs.argmax(1)).sum())
-            diff = max(diff, float(np.abs(mine - theirs).max()))
-            count += len(batch)
-        if differ or diff > ONNX_TOLERANCE:
-            raise ArtifactError(f"the ONNX export disagrees with PyTorch on the validation images ({differ} of "
-                                f"{count} predicted groups differ, probabilities by up to {diff:.1e}, "
-                                f"tolerance {ONNX_TOLERANCE:g}); {out} not written")
+        figures = _check_program(packaged, lambda batch: session.run(None, {"images": batch.numpy()})[0],
+                                 images, f"the ONNX export disagrees with PyTorch; {out} not written")
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
     _usual_mode(out)
-    return {"path": out, "images": len(images), "non_square": len(wide) + len(tall), "max_diff": diff}
+    return {"path": out, **figures}
 
 
 def split_images(exp: Experiment, image_size: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,7 +443,7 @@ def export_best(
     out: str | Path,
     metric: str | None = None,
     force: bool = False,
-    torchscript: bool = False,
+    program: bool = False,
     refit: bool = False,
     pick: str | None = None,
     onnx: bool = False,
@@ -470,7 +452,7 @@ def export_best(
     """Writes the best checkpoint of the experiment as one verified file (see the module doc);
     with `refit`, the best configuration retrained on train+val instead (results/refit.py)."""
     out = Path(out).expanduser()
-    targets = [out] + ([torchscript_path(out)] if torchscript else []) + ([onnx_path(out)] if onnx else [])
+    targets = [out] + ([program_path(out)] if program else []) + ([onnx_path(out)] if onnx else [])
     for target in targets:
         if target.is_dir():
             raise TuneAgeError(f"{target} is a folder; give a file name such as best.pt")
@@ -536,11 +518,11 @@ def export_best(
     save_atomic(payload, out)
     _usual_mode(out)
     loaded = load_model(out)  # reads it back: hash, strict load and all
-    script = _write_torchscript(loaded, torchscript_path(out)) if torchscript else None
-    onnx_done = (_write_onnx(loaded, onnx_path(out), split_images(exp, loaded.image_size)[0],
-                             payload["provenance"]) if onnx else None)
+    val_images = split_images(exp, loaded.image_size)[0] if program or onnx else None
+    program_done = _write_program(loaded, program_path(out), val_images, payload["provenance"]) if program else None
+    onnx_done = _write_onnx(loaded, onnx_path(out), val_images, payload["provenance"]) if onnx else None
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
-    return ExportResult(out, ref, metric, payload["sha256"], script,
+    return ExportResult(out, ref, metric, payload["sha256"], program_done,
                         better_epoch_not_kept(exp, ref, metric), refit_test, None if refit else folds, onnx_done,
                         calibration)
 
@@ -575,32 +557,62 @@ class Packaged(nn.Module):
         return torch.softmax(self.model((x - self.mean) / self.std) / self.temperature, dim=1)
 
 
-def _write_torchscript(loaded: LoadedModel, out: Path) -> Path:
+INPUT = ("uint8 RGB, N x 3 x H x W, any N, H, W; made square (`square`: centre crop or pad) and resized "
+         "to image_size as in training")
+EXPORT_DIMS = {0: ("batch", 1, 65536), 2: ("height", 2, 65536), 3: ("width", 2, 65536)}
+
+
+def _dims() -> dict[int, Any]:
+    return {axis: torch.export.Dim(name, min=low, max=high) for axis, (name, low, high) in EXPORT_DIMS.items()}
+
+
+def _check_program(packaged: nn.Module, run, images: torch.Tensor, refusal: str) -> dict[str, Any]:
+    """Runs an exported program (`run`: uint8 batch -> probabilities as numpy) on `images` (the
+    validation split) and on wide and tall versions of some, against `packaged` in PyTorch:
+    the figures when every predicted group agrees and no probability differs by more than
+    EXPORT_TOLERANCE, else an ArtifactError starting with `refusal`."""
+    side = images.shape[-1]
+    wide = torch.cat([images[:8], images[:8].flip(3)[..., : max(1, side // 2)]], dim=3)  # S x 1.5 S
+    tall = torch.cat([images[:8], images[:8].flip(2)[..., : max(1, side // 3), :]], dim=2)  # 1.33 S x S
+    differ, diff, count = 0, 0.0, 0
+    for batch in [*images.split(256), wide, tall]:
+        with torch.no_grad():
+            mine = packaged(batch).numpy()
+            theirs = np.asarray(run(batch))
+        differ += int((mine.argmax(1) != theirs.argmax(1)).sum())
+        diff = max(diff, float(np.abs(mine - theirs).max()))
+        count += len(batch)
+    if differ or diff > EXPORT_TOLERANCE:
+        raise ArtifactError(f"{refusal} (on the validation images and non-square versions: {differ} of {count} "
+                            f"predicted groups differ, probabilities by up to {diff:.1e}, tolerance "
+                            f"{EXPORT_TOLERANCE:g})")
+    return {"images": len(images), "non_square": len(wide) + len(tall), "max_diff": diff}
+
+
+def _write_program(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance: dict[str, Any]) -> dict[str, Any]:
+    """A torch.export program of Packaged (uint8 RGB in, dynamic batch, height and width), the
+    groups and provenance in its `tune_age.json` extra file; written only if the program,
+    saved and loaded back, agrees with PyTorch (_check_program)."""
     packaged = Packaged(loaded.model.cpu(), loaded.mean, loaded.std, loaded.image_size, loaded.square,
                         loaded.temperature).eval()
-    meta = {
-        "format": TORCHSCRIPT_FORMAT,
-        "groups": loaded.groups.to_dict(),
-        "image_size": loaded.image_size,
-        "input": "uint8 0-255 or float 0-1, N x 3 x H x W, RGB; made square (square) and resized "
-                 "to image_size as in training",
-        "square": loaded.square,
-        "output": "probabilities, N x len(groups)",
-        "export_sha256": loaded.sha256,
-    }
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    meta = {"format": PROGRAM_FORMAT, "groups": loaded.groups.to_dict(), "image_size": loaded.image_size,
+            "input": INPUT, "square": loaded.square, "output": "probabilities, N x len(groups)",
+            "export_sha256": loaded.sha256, "provenance": provenance}
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp.pt2")
     os.close(fd)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still works
-            scripted = torch.jit.script(packaged)
-            torch.jit.save(scripted, tmp, _extra_files={"tune_age.json": json.dumps(meta)})
+            warnings.simplefilter("ignore")
+            program = torch.export.export(packaged, (images[:2],), dynamic_shapes={"images": _dims()})
+            torch.export.save(program, tmp, extra_files={"tune_age.json": json.dumps(meta, default=str)})
+            back = torch.export.load(tmp).module()
+        figures = _check_program(packaged, lambda batch: back(batch).detach().numpy(), images,
+                                 f"the torch.export program disagrees with PyTorch; {out} not written")
         os.replace(tmp, out)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     _usual_mode(out)
-    return out
+    return {"path": out, **figures}
 
 
 def _usual_mode(path: Path) -> None:
