@@ -11,7 +11,7 @@ from tune_age.search.spaces import load_space, seed_baseline
 
 def test_baseline_first_then_space_and_outcomes_recorded_right(tmp_path):
     search = StudySearch(load_space("quick"), metric="val_acc", mode="max", max_epochs=3,
-                         study_path=tmp_path / "study.db", study_name="s", seed=0, num_samples=4,
+                         storage_url=f"sqlite:///{tmp_path / 'study.db'}", study_name="s", seed=0, num_samples=4,
                          baseline=seed_baseline().to_dict())
     first = search.suggest("t0")
     assert first[BASELINE_KEY] is True and first["batch_size"] == 35 and first["head"] == "flatten"

@@ -6,7 +6,7 @@
     tune-age search [--data PATH] [--space quick] [--num-samples N] ...
     tune-age trials EXP [--sort METRIC] [--top N] [--status S] [--format table|csv|markdown|json]
     tune-age report EXP [--out DIR] [--rerun-top K --seeds S]
-    tune-age export EXP --out best.pt [--metric M] [--torchscript] [--force]
+    tune-age export EXP --out best.pt [--metric M] [--pt2] [--onnx] [--force]
     tune-age predict best.pt IMAGE_OR_DIR... [--top 3] [--format table|csv|json] [--detect-faces]
     tune-age dashboard EXP [--port 8080]
     tune-age evaluate best.pt --data PATH [--format table|json]
@@ -101,7 +101,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         from optuna_dashboard import run_server
     except ImportError:
         raise TuneAgeError("tune-age dashboard needs optuna-dashboard: pip install optuna-dashboard") from None
-    url = f"sqlite:///{exp.study_path.resolve()}"
+    url = exp.study_url
     print(f"optuna-dashboard on {exp.name}'s study: http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     run_server(url, host=args.host, port=args.port)
     return 0
@@ -160,6 +160,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         resume=args.resume, seed=args.seed, scheduler=args.scheduler, searcher=args.searcher,
         baseline_first=not args.no_baseline, max_failures=args.max_failures, weights_dir=args.weights_dir,
         cv=args.cv, warm_start=args.warm_start, objectives=args.objectives, mlflow=args.mlflow,
+        study_storage=args.study_storage,
     )
     exp_dir, _ = experiment_dir(search)
     fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path",
@@ -263,11 +264,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
     from .results.export import export_best
+
+    if args.torchscript:
+        raise ConfigError("--torchscript was replaced by --pt2: TorchScript is deprecated in PyTorch; --pt2 "
+                          "writes a torch.export program with the same preprocessing (load it with "
+                          "torch.export.load(path).module())")
 
     with _quiet_data_logs(args):
         result = export_best(args.exp, args.out, metric=args.metric, force=args.force,
-                             torchscript=args.torchscript, refit=args.refit, pick=args.pick, onnx=args.onnx,
+                             program=args.pt2, refit=args.refit, pick=args.pick, onnx=args.onnx,
                              calibrated=args.calibrate)
     for line in result.lines():
         print(line)
@@ -373,8 +380,9 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--out", default="best.pt", help="the file to write")
     p.add_argument("--metric", help="choose by this metric: val_acc, val_one_off, val_f1, "
                    "val_balanced_acc, val_loss or val_mae " + _shown_default("the search's"))
-    p.add_argument("--torchscript", action="store_true",
-                   help="also write OUT.torchscript.pt: preprocessing built in, needs only torch")
+    p.add_argument("--pt2", action="store_true", help="also write OUT.pt2, a torch.export program with the "
+                   "preprocessing built in (uint8 RGB, any size), checked against PyTorch; needs only torch")
+    p.add_argument("--torchscript", action="store_true", help=argparse.SUPPRESS)  # replaced by --pt2
     p.add_argument("--onnx", action="store_true", help="also write OUT.onnx: preprocessing built in, runs in "
                    "onnxruntime; checked against PyTorch on the validation images before it is written")
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split so "
@@ -503,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", help="a multi-objective search: the metric, then latency_ms, "
                    "latency64_ms (batch 64) or params, comma-separated, e.g. val_acc,latency_ms; each "
                    "trial times its model on its device; ASHA prunes on the metric")
+    p.add_argument("--study-storage", metavar="URL", help="keep the Optuna study in this database "
+                   "(postgresql://USER@HOST/DB; password by PGPASSWORD or ~/.pgpass) instead of study.db in "
+                   "the experiment folder; PostgreSQL needs tune_age[postgres]")
     p.add_argument("--mlflow", metavar="URI", help="log each trial as a run on this MLflow tracking "
                    "server (parameters, per-epoch metrics, best checkpoint); needs tune_age[mlflow]")
     p.add_argument("--warm-start", metavar="EXP", help="seed the new search's study with the trials of "

@@ -300,6 +300,7 @@ class SearchConfig(_Config):
     warm_start: Union[str, None] = None  # an earlier search's folder: its fitting trials seed the study
     objectives: Union[str, None] = None  # "val_acc,latency_ms": a multi-objective study, the metric first
     mlflow: Union[str, None] = None  # an MLflow tracking URI: each trial logged there as a run
+    study_storage: Union[str, None] = None  # a database URL for the Optuna study; None: study.db in the folder
 
     _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS}
     _ranges = {

@@ -73,6 +73,13 @@ class Experiment:
     def study_path(self) -> Path:
         return self.path / STUDY_FILE
 
+    @property
+    def study_url(self) -> str:
+        """The study's storage: the folder's study.db, or the search's --study-storage."""
+        from ..search.study import study_url
+
+        return study_url(self.path, self.meta)
+
     def best_trial(self, include_baseline: bool = True) -> dict[str, Any] | None:
         """The trial of the best model (see export.best_checkpoint): failed trials left out,
         ranked by their best epoch's training.selection score."""

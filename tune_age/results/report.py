@@ -140,17 +140,20 @@ def param_importance(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     reached, pruned ones included, each scored by its value at that epoch: over completed
     trials only, a parameter that gets trials pruned (a learning rate too high) would look
     unimportant."""
-    if not exp.study_path.is_file():
+    url = exp.study_url
+    if url.startswith("sqlite:") and not exp.study_path.is_file():
         return None, f"No Optuna study ({exp.study_path.name}) in the experiment folder."
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=exp.name, storage=f"sqlite:///{exp.study_path.resolve()}")
+        study = optuna.load_study(study_name=exp.name, storage=url)
     except Exception as exc:  # a damaged study.db, or one of another search
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        return None, f"The Optuna study {exp.study_path.name} could not be read: {why}"
+        from ..search.study import describe
+
+        return None, f"The Optuna study at {describe(url)} could not be read: {why}"
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
               if t.params and not t.user_attrs.get("baseline")]
 

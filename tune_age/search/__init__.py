@@ -33,12 +33,12 @@ from ..training.selection import SCORE_KEY
 from .lock import LOCK_FILE, DriverLock
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
+from .study import STUDY_FILE, check_storage, study_url
 from .tracking import FINAL, TRIALS_FILE, TrialLog, read_trials, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 META_FILE = "tune_age.json"
-STUDY_FILE = "study.db"
 SPLIT_FILE = "split.csv"
 DEFAULT_STORAGE = "~/tune_age_results"
 # Save Ray's experiment state at least every 2 s, so that a killed driver loses
@@ -318,6 +318,8 @@ def run_search(
         from .mlflow_runs import check_server
 
         check_server(search.mlflow)
+    if search.study_storage and not search.resume:
+        check_storage(search.study_storage, name, fresh=True)
     if search.resume:
         _check_resumable(exp_dir, name)  # before the lock, which would make the folder
     with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
@@ -351,6 +353,8 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
             from .mlflow_runs import check_server
 
             check_server(search.mlflow)
+        if search.study_storage:
+            check_storage(search.study_storage, plan.name, fresh=False)
     warm, warm_note = [], None
     if search.warm_start and not search.resume:  # a resumed search's study has them already
         from .warm import describe, warm_trials
@@ -431,7 +435,7 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
             metric=search.metric,
             mode=search.mode,
             max_epochs=plan.max_epochs,
-            study_path=plan.exp_dir / STUDY_FILE,
+            storage_url=study_url(plan.exp_dir, {"search": search.to_dict()}),
             study_name=plan.name,
             seed=search.seed,
             sampler=search.searcher,
@@ -497,7 +501,7 @@ def finish_statuses(plan: Plan, search: SearchConfig, used_s: float) -> None:
         for t in unfinished:
             t["status"] = "stopped"
         write_json_atomic(path, trials)
-        close_trials(plan.exp_dir / STUDY_FILE, plan.name, unfinished)
+        close_trials(study_url(plan.exp_dir, {"search": search.to_dict()}), plan.name, unfinished)
         logging.getLogger("tune_age.progress").info(
             "time budget of %g min used up; %d trial(s) stopped", search.time_budget_min, len(unfinished))
         return

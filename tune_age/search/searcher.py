@@ -44,10 +44,6 @@ SAMPLERS = {
 }
 
 
-def study_url(path: str | Path) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
-
-
 class StudySearch(OptunaSearch):
     def __init__(
         self,
@@ -56,7 +52,7 @@ class StudySearch(OptunaSearch):
         metric: str,
         mode: str,
         max_epochs: int,
-        study_path: str | Path,
+        storage_url: str,
         study_name: str,
         seed: int = 0,
         sampler: str = "tpe",
@@ -65,7 +61,7 @@ class StudySearch(OptunaSearch):
         warm: list | None = None,
         objectives: list[str] | None = None,
     ):
-        self._study_url = study_url(study_path)
+        self._study_url = storage_url  # study.study_url: the folder's study.db, or --study-storage
         startup = max(2, min(10, num_samples // 3))
         # More than one objective: a multi-objective study (Optuna's TPE handles it), the
         # metric first; each measure (latency_ms, params) is better smaller.
@@ -178,12 +174,12 @@ class StudySearch(OptunaSearch):
                 log.info("closed study trial %d, which was never started before the restart", t.number)
 
 
-def close_trials(study_path: str | Path, study_name: str, entries: list[dict]) -> None:
+def close_trials(storage_url: str, study_name: str, entries: list[dict]) -> None:
     """Tells the study about trials Ray stopped without telling the searcher (the time budget
     ran out while they ran): pruned at their last epoch, with every epoch they reported, or
     failed where they reported none; trials asked for that never started fail too (the
     search is over). `entries` are trial-log entries (tracking.py)."""
-    study = optuna.load_study(study_name=study_name, storage=study_url(study_path))
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
     by_ray_id = {t.user_attrs.get("ray_trial_id"): t for t in study.get_trials(deepcopy=False)
                  if not t.state.is_finished()}
     for entry in entries:

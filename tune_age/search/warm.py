@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..config import TrainConfig
 from ..errors import ConfigError, TuneAgeError
 from .spaces import Space
+from .study import STUDY_FILE, study_url
 from .tracking import TRIALS_FILE, read_trials
 
 
@@ -50,15 +51,18 @@ def warm_trials(source: str | Path, space: Space, max_epochs: int, metric: str) 
     """(trials for the new study, why the others were left out: reason -> count)."""
     source = Path(source).expanduser()
     meta_file = source / "tune_age.json"
-    if not meta_file.is_file() or not (source / "study.db").is_file():
-        raise TuneAgeError(f"--warm-start {source}: not a tune_age search folder (no tune_age.json "
-                           "and study.db); give the folder `tune-age search` printed")
+    if not meta_file.is_file():
+        raise TuneAgeError(f"--warm-start {source}: not a tune_age search folder (no tune_age.json); give "
+                           "the folder `tune-age search` printed")
     meta = json.loads(meta_file.read_text())
+    url = study_url(source, meta)
+    if url.startswith("sqlite:") and not (source / STUDY_FILE).is_file():
+        raise TuneAgeError(f"--warm-start {source}: its study ({STUDY_FILE}) is not in the folder")
     if meta.get("metric") != metric:
         raise ConfigError(f"--warm-start {source}: that search optimized {meta.get('metric')}, this one "
                           f"--metric {metric}; warm-start from a search of the same metric")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=meta["name"], storage=f"sqlite:///{(source / 'study.db').resolve()}")
+    study = optuna.load_study(study_name=meta["name"], storage=url)
     log = read_trials(source / TRIALS_FILE)
     taken: list[FrozenTrial] = []
     left_out: Counter = Counter()
