@@ -114,6 +114,115 @@ def test_trials_run_on_both_nodes(cluster, tmp_path, monkeypatch):
     assert {t["last"]["node_id"] for t in trials.values()} == set(nodes)
 
 
+# --- a cluster whose nodes share no folder: results in an S3-compatible store ----------------
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory):
+    """moto's standalone S3 server on 127.0.0.1 with a bucket, and the AWS variables that
+    point at it (what a user sets for MinIO, Ceph or AWS itself)."""
+    import urllib.request
+
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    serve = "import sys; from moto.server import main; sys.exit(main())"  # moto_server's console script
+    server = subprocess.Popen([sys.executable, "-c", serve, "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "tune-age-test",
+           "AWS_SECRET_ACCESS_KEY": "tune-age-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.25)
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3.create_bucket(Bucket="tune-age")
+        yield {"env": env, "s3": s3}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def remote_trials(s3, key: str) -> dict:
+    import json
+
+    try:
+        text = s3.get_object(Bucket="tune-age", Key=key)["Body"].read().decode()
+    except s3.exceptions.NoSuchKey:
+        return {}
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return {e["trial_id"]: e for e in entries}
+
+
+def test_a_search_in_an_object_store_survives_its_driver_and_resumes_from_an_empty_folder(
+        cluster, object_store, tmp_path, monkeypatch):
+    """Two nodes, no shared folder: every result goes to the S3 server. The driver is killed
+    (SIGKILL) with trials running; a driver started in another, empty working folder with its
+    own cache resumes the search from the store and finishes it, rerunning no finished trial."""
+    import json
+
+    from tune_age.results import load_experiment
+    from tune_age.results.export import best_checkpoint
+
+    env = {**cluster["env"], **object_store["env"]}
+    space = tmp_path / "slow.yaml"
+    space.write_text(SLOW_SPACE)
+    uri = "s3://tune-age/runs"
+    args = ["search", "--address", cluster["address"], "--space", str(space), "--synthetic-n", str(SMALL_N),
+            "--storage", uri, "--name", "no-nfs", "--no-baseline", "--scheduler", "fifo", "--cv", "1"]
+    first, again = tmp_path / "first", tmp_path / "again"
+    for folder in (first, again):
+        (folder / "cache").mkdir(parents=True)
+    log = first / "search.log"
+    driver = subprocess.Popen([sys.executable, "-m", "tune_age", *args], cwd=first, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, env={**env, "TUNE_AGE_CACHE": str(first / "cache")})
+    s3 = object_store["s3"]
+    deadline = time.time() + 300
+    while True:  # the store's trial log (uploaded on every heartbeat): one trial done, one running
+        trials = remote_trials(s3, "runs/no-nfs/trials.jsonl")
+        done = {k for k, t in trials.items() if t["status"] in FINAL}
+        if done and any(t["status"] == "running" for t in trials.values()):
+            break
+        assert driver.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    driver.kill()
+    driver.wait(timeout=30)
+    epochs_before = {k: trials[k]["epochs"] for k in done}
+
+    log = again / "search.log"
+    resumed = subprocess.run([sys.executable, "-m", "tune_age", *args, "--resume"],
+                             cwd=again, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=600,
+                             env={**env, "TUNE_AGE_CACHE": str(again / "cache")})
+    assert resumed.returncode == 0, log.read_text()[-3000:]
+    assert "took over the lock of a driver that is no longer running" in log.read_text(), log.read_text()[:3000]
+
+    # Read back from the store, as `tune-age trials s3://...` does on any machine.
+    for name, value in object_store["env"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TUNE_AGE_CACHE", str(tmp_path / "reader"))
+    exp = load_experiment(f"{uri}/no-nfs")
+    assert len(exp.trials) == 4 and all(t["status"] == "completed" for t in exp.trials.values()), exp.trials
+    for trial_id in done:  # finished before the kill: no epoch of it trained again
+        entry = exp.trials[trial_id]
+        assert entry["epochs"] == epochs_before[trial_id] == 6
+        assert [s[1] for s in entry["scores"]] == [s[1] for s in trials[trial_id]["scores"]], (entry, trials[trial_id])
+        lines = (exp.path / entry["dir"] / "result.json").read_text().splitlines()
+        assert [json.loads(ln)["epoch"] for ln in lines] == list(range(1, 7)), lines
+        # (Ray's own state may not have uploaded the trial's end before the kill: then the new
+        # driver starts it once more from its last checkpoint, which is its end, and it stops.)
+        assert entry["starts"] <= 2, entry
+    assert len({t["last"]["node_id"] for t in exp.trials.values()}) == 2, exp.trials  # both nodes ran trials
+    assert best_checkpoint(exp).path.is_file()  # checkpoints uploaded by the workers, read back
+    assert not (first / "no-nfs").exists() and not (again / "no-nfs").exists()
+
+
+# Last: it kills the worker node, which the tests above need.
 def test_losing_the_worker_node_retries_its_trial_on_the_head(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     nodes = node_ids(cluster["address"], cluster["env"])

@@ -61,6 +61,7 @@ class FaceData:
     sizes_seen: dict[tuple[int, int], int] = field(default_factory=dict)  # (w, h) -> count
     unevaluated: list[str] = field(default_factory=list)  # groups with no val image (too few)
     keys: dict[int, np.ndarray] = field(default_factory=dict)  # size -> image_keys of each row
+    content: str = ""  # sha256 of the images' pixels, labels and split: the same data anywhere
     layout: str = ""  # "utkface", "folders" or "csv": how `root` is read
     root: Path | None = None  # the folder or CSV the paths were read from
 
@@ -184,6 +185,19 @@ def _fingerprint(table: pd.DataFrame, cfg: DataConfig) -> str:
     ]
     settings = [cfg.bins, cfg.val_fraction, cfg.test_fraction, cfg.split_seed]
     return hashlib.sha256(json.dumps([sorted(rows), settings]).encode()).hexdigest()
+
+
+def content_fingerprint(data: FaceData) -> str:
+    """What the data is wherever its files lie: each image's pixel key (at the smallest size
+    decoded), group, age and split, with the bins. Equal for a copy of the files at another
+    path or on another machine, where `fingerprint` (paths and mtimes) differs."""
+    size = min(data.images)
+    split = np.empty(len(data.labels), dtype=object)
+    for name, rows in data.splits.items():
+        split[rows] = name
+    rows = sorted([int(k), int(g), None if np.isnan(a) else float(a), str(s)]
+                  for k, g, a, s in zip(data.keys[size], data.labels, data.ages, split))
+    return hashlib.sha256(json.dumps([size, rows, data.groups.to_dict()]).encode()).hexdigest()
 
 
 def _warn_skipped(skipped: list[tuple[str, str]], total: int) -> None:
@@ -321,6 +335,7 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
         layout=fmt,
         root=path,
     )
+    data.content = content_fingerprint(data)
     log.info("%s: train %d, val %d, test %d", data.source,
              *(len(splits[name]) for name in SPLITS))
     return data

@@ -234,22 +234,14 @@ def local_folder(path: str | Path) -> tuple[Path, str | None]:
         return Path(text).expanduser(), None
     if text.startswith("file://"):
         return Path(text[len("file://"):]), None
-    import hashlib
+    from ..search.storage import is_remote, local_copy
 
-    import pyarrow.fs
-
-    from ..data.decode import cache_root
-
-    dest = cache_root() / "experiments" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not is_remote(text):
+        raise TuneAgeError(f"{text}: give a folder or an object-store URI (s3://BUCKET/PREFIX/NAME, gs://...)")
     try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(text)
-        if fs.get_file_info(f"{root.rstrip('/')}/{META_FILE}").type != pyarrow.fs.FileType.File:
-            raise TuneAgeError(f"{text} is not a tune_age experiment folder (no {META_FILE})")
-        dest.mkdir(parents=True, exist_ok=True)
-        pyarrow.fs.copy_files(root, str(dest), source_filesystem=fs)
-    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        return local_copy(text), text
+    except OSError as exc:  # the store went away halfway
         raise TuneAgeError(f"cannot read {text}: {str(exc).splitlines()[0]}") from None
-    return dest, text
 
 
 def load_experiment(path: str | Path) -> Experiment:

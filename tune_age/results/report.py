@@ -46,7 +46,7 @@ from . import (
     Experiment, direction, fmt, fmt_score, hyperparameters, is_baseline, last_error, load_experiment,
     markdown_table, scored_trials, status_counts, trials_table,
 )
-from ..search import SPLIT_FILE
+from ..search import SPLIT_FILE, same_data
 
 progress = logging.getLogger("tune_age.progress")
 
@@ -210,11 +210,13 @@ def load_search_data(exp: Experiment, sizes: list[int | str]):
         data = load_data(DataConfig.from_dict(exp.meta["data"]), sizes, progress=False)
     except TuneAgeError as exc:
         return None, f"the search's data could not be loaded ({exc})"
-    if data.fingerprint != exp.meta.get("data_fingerprint"):
+    if not same_data(exp.meta, data):
         return None, ("the data changed since the search (its fingerprint differs), so the "
                       "split would not be the search's")
     split_file = exp.path / SPLIT_FILE
-    if split_file.is_file():
+    if split_file.is_file() and data.fingerprint == exp.meta.get("data_fingerprint"):
+        # (read elsewhere, the same images have other paths: their content fingerprint, which
+        # holds each image's split, has matched instead)
         saved = pd.read_csv(split_file)
         now = data.split_table()
         if list(saved["path"]) != list(now["path"]) or list(saved["split"]) != list(now["split"]):

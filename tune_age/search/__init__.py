@@ -10,12 +10,14 @@ study, readable with `optuna.load_study`) and `split.csv`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-from collections import Counter
 import os
+import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,9 @@ from ..training.selection import SCORE_KEY
 from .lock import LOCK_FILE, DriverLock
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
+from .storage import DeferredDeletes, Mirror, Remote, aws_env, is_remote
 from .study import STUDY_FILE, check_storage, study_url
-from .tracking import FINAL, TRIALS_FILE, TrialLog, read_trials, write_json_atomic
+from .tracking import FINAL, RELOCATED, TRIALS_FILE, TrialLog, read_trials, relocated, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,20 @@ class Plan:
     baseline: TrainConfig | None
 
 
+@functools.lru_cache(maxsize=None)
+def remote_storage(uri: str) -> Remote:
+    return Remote.parse(uri)
+
+
 def experiment_dir(search: SearchConfig) -> tuple[Path, str]:
+    """The experiment's folder and name; with object-store storage, the folder is the
+    driver's working copy (storage.py)."""
     name = search.name or time.strftime("search-%Y%m%d-%H%M%S")
+    if is_remote(search.storage):
+        return remote_storage(search.storage).staging(name), name
     if search.storage and "://" in search.storage and not search.storage.startswith("file://"):
-        # The study is SQLite and the trial log is rewritten in place: both need a file system.
-        raise ConfigError(
-            f"--storage {search.storage}: a search needs a path (local, or a shared file system "
-            "mounted on every node, such as NFS); object-store URIs are not supported for searching"
-        )
+        raise ConfigError(f"--storage {search.storage}: give a path (local, or a file system every node "
+                          "mounts) or an object store: s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
     if search.storage and search.storage.startswith("file://"):
         search = search.replace(storage=search.storage[len("file://"):])
     storage = Path(os.path.expanduser(search.storage or DEFAULT_STORAGE)).resolve()
@@ -210,7 +219,7 @@ class BaselineFullBudgetASHA(ASHAScheduler):
         if not self._remembered:
             self._remembered = True
             if self._trial_log:
-                count = self.remember(read_trials(Path(self._trial_log)))
+                count = self.remember(read_trials(relocated(self._trial_log)))
                 if count:
                     log.info("ASHA: %d rung values restored from the trial log", count)
 
@@ -237,14 +246,15 @@ def trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, env: dict[str, str] | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     from ..training import TRIAL_PROCESS_ENV
 
-    runtime_env = {"env_vars": dict(TRIAL_PROCESS_ENV)}  # Tune adds its own variables to these
+    # Tune adds its own variables to these; `env`: the object store's, for workers on other nodes.
+    runtime_env = {"env_vars": {**TRIAL_PROCESS_ENV, **(env or {})}}
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     else:
@@ -281,6 +291,7 @@ def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: Fac
         "baseline": plan.baseline.to_dict() if plan.baseline else None,
         "groups": data.groups.to_dict(),
         "data_fingerprint": data.fingerprint,
+        "data_content": data.content,
         "data_source": data.source,
         "native_size": data.native_size,
         "cv": cv,
@@ -320,13 +331,39 @@ def run_search(
         check_server(search.mlflow)
     if search.study_storage and not search.resume:
         check_storage(search.study_storage, name, fresh=True)
+    mirror = _working_copy(search, exp_dir, name) if is_remote(search.storage) else None
     if search.resume:
         _check_resumable(exp_dir, name)  # before the lock, which would make the folder
-    with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
-        if lock.took_over:
-            logging.getLogger("tune_age.progress").info(lock.took_over)
-        return _run(make_plan(search), search, data_cfg, progress, given, lock)
+    try:
+        with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
+            if lock.took_over:
+                logging.getLogger("tune_age.progress").info(lock.took_over)
+            lock.mirror = mirror
+            return _run(make_plan(search), search, data_cfg, progress, given, lock)
+    finally:
+        if mirror is not None and (exp_dir / META_FILE).is_file():
+            mirror.push()
+            mirror.drop_lock()
+            mirror.fetch_all()  # Ray's trial folders too, for the summary that follows
 
+
+def _working_copy(search: SearchConfig, exp_dir: Path, name: str) -> Mirror:
+    """The driver's working copy of an experiment in an object store: for a resume, the
+    store's tune_age files pulled into it; for a new search, the name checked free there."""
+    remote = remote_storage(search.storage)
+    mirror = Mirror(exp_dir, remote, name)
+    there = remote.exists(name, META_FILE)
+    if search.resume and not there:
+        raise TuneAgeError(f"cannot resume {name!r}: {remote.uri}/{name} holds no tune_age search; check "
+                           "--name and --storage, or start a new search without --resume")
+    if not search.resume and there:
+        raise TuneAgeError(f"experiment {name!r} already exists in {remote.uri}; add --resume to continue it "
+                           "or choose another --name (tune_age never overwrites a search)")
+    if exp_dir.exists() and not (exp_dir / LOCK_FILE).exists():
+        shutil.rmtree(exp_dir)  # an old working copy: the store's files are the search's
+    if search.resume:
+        mirror.pull()
+    return mirror
 
 def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
          given: frozenset[str], lock: DriverLock) -> Path:
@@ -366,7 +403,7 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     data = load_data(data_cfg, image_sizes(plan), progress=progress)
     check_plan(plan, data)
     if search.resume:
-        if data.fingerprint != meta["data_fingerprint"]:
+        if not same_data(meta, data):
             raise TuneAgeError(
                 f"the data of {plan.name!r} changed since the search started ({data.source}); "
                 "resume needs the same files; start a new search for new data"
@@ -379,7 +416,8 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     if meta is not None and plan.num_samples > meta["num_samples"]:
         write_json_atomic(plan.exp_dir / META_FILE, {**meta, "num_samples": plan.num_samples})
     used_before = float((meta or {}).get("time_used_s", 0.0))
-    start_ray(search.address)
+    remote = remote_storage(search.storage) if is_remote(search.storage) else None
+    start_ray(search.address, aws_env() if remote else None)
     cpus, gpus = plan_resources(search, ray.cluster_resources())
     say = logging.getLogger("tune_age.progress").info
     say(f"data: {data.source}; groups: {', '.join(data.groups.names)}")
@@ -400,7 +438,10 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         say(describe(len(warm), Counter(warm_note["left_out"]), search.warm_start))
     if not search.resume:
         write_meta(plan, search, data_cfg, data, {"folds": folds, "why": why}, warm_note)
-    lock.on_beat = lambda elapsed: _record_time(plan.exp_dir, used_before + elapsed)
+    deletes = DeferredDeletes() if remote is not None else None
+    if deletes is not None:
+        deletes.install()
+    lock.on_beat = lambda elapsed: _beat(plan.exp_dir, used_before + elapsed, lock.mirror, deletes)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data=data, max_epochs=plan.max_epochs, metric=search.metric,
                              weights=weights, cv=folds, measure=len(search.objective_list) > 1),
@@ -417,7 +458,11 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         say(f"MLflow: each trial a run in experiment {plan.name!r} at {search.mlflow}")
     run_config = tune.RunConfig(
         name=plan.name,
-        storage_path=str(plan.exp_dir.parent),
+        storage_path=remote.path if remote else str(plan.exp_dir.parent),
+        storage_filesystem=remote.fs if remote else None,
+        # An object store: Ray's state uploaded as often as it is saved, so that a killed
+        # driver loses as little there as on a disk (Ray's default waits 5 minutes).
+        sync_config=tune.SyncConfig(sync_period=int(CHECKPOINT_PERIOD_S)) if remote else None,
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
         ),
@@ -426,8 +471,14 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         verbose=0,
     )
     if search.resume:
+        from .searcher import STUDY_URLS
+
+        # Where this driver keeps the experiment's files (another machine's copy has other paths).
+        RELOCATED[plan.name] = plan.exp_dir
+        STUDY_URLS[plan.name] = study_url(plan.exp_dir, {"search": search.to_dict()})
         tuner = tune.Tuner.restore(
-            str(plan.exp_dir), trainable, resume_unfinished=True, resume_errored=True,
+            remote.child(plan.name) if remote else str(plan.exp_dir), trainable, resume_unfinished=True,
+            resume_errored=True, storage_filesystem=remote.fs if remote else None,
         )
     else:
         searcher = StudySearch(
@@ -466,10 +517,34 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
             ),
             run_config=run_config,
         )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if deletes is not None:  # Ray's final state is uploaded: nothing waits for them now
+            deletes.run(due_only=False)
     lock.beat()
     finish_statuses(plan, search, used_before + time.time() - lock.started)
     return plan.exp_dir
+
+
+def same_data(meta: dict[str, Any], data: FaceData) -> bool:
+    """Whether `data` is the search's: the same files where they were, or the same images,
+    labels and split read from another place (another machine, a moved copy)."""
+    return data.fingerprint == meta.get("data_fingerprint") or (
+        bool(data.content) and data.content == meta.get("data_content"))
+
+
+def _beat(exp_dir: Path, used_s: float, mirror: Mirror | None, deletes: DeferredDeletes | None = None) -> None:
+    """Every heartbeat of the driver: the time used, the store's copy brought up to date,
+    checkpoints Ray dropped long enough ago deleted."""
+    _record_time(exp_dir, used_s)
+    if mirror is not None:
+        try:
+            if deletes is not None:
+                deletes.run()
+            mirror.push()
+        except Exception as exc:  # a store that is briefly away: the next beat tries again
+            log.warning("could not upload to %s: %s", mirror.remote.uri, str(exc).splitlines()[0][:200])
 
 
 def _record_time(exp_dir: Path, used_s: float) -> None:
@@ -534,13 +609,13 @@ def resumed_settings(meta: dict, search: SearchConfig, data_cfg: DataConfig,
                 continue
             before = resolved.get(name, getattr(theirs, name)) if mine is search else getattr(theirs, name)
             flag = FLAGS.get(name, "--" + name.replace("_", "-"))
-            if name == "baseline_first":
-                value, before = ("on", "off") if value else ("off", "on")  # the seed baseline
             if name == "num_samples" and value is not None and value < before:
                 raise ConfigError(f"--num-samples {value}: {meta['name']!r} already has {before} trials; "
                                   "a resumed search can grow (a larger --num-samples), not shrink")
             if name in KEPT_ON_RESUME or _same(name, value, before):
                 continue
+            if name == "baseline_first":  # --no-baseline on: the seed baseline left out
+                value, before = ("off" if value else "on"), ("off" if before else "on")
             raise ConfigError(
                 f"{flag} {value}: {meta['name']!r} was started with {flag} {before}; a resumed search "
                 "keeps the settings it began with (leave the option out, or start a new search "

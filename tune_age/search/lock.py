@@ -50,12 +50,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _alive(info: dict) -> bool:
+    """Whether the process a lock names (on this host) still runs."""
+    pid = int(info.get("pid") or 0)
+    return pid > 0 and _pid_alive(pid)
+
+
 def driver_alive(exp_dir: str | Path) -> bool:
     """Whether a driver runs this experiment now: here, by its flock; elsewhere, by a lock
     file touched within STALE_S seconds."""
     path = Path(exp_dir) / LOCK_FILE
     info = _read(path)
     if not info:
+        return False
+    try:
+        fresh = time.time() - path.stat().st_mtime < STALE_S
+    except OSError:
         return False
     if info.get("host") == socket.gethostname():
         try:
@@ -68,11 +78,10 @@ def driver_alive(exp_dir: str | Path) -> bool:
             return True
         finally:
             os.close(fd)
-        return False
-    try:
-        return time.time() - path.stat().st_mtime < STALE_S
-    except OSError:
-        return False
+        # Not held here: the driver is gone, unless this is a copy of its lock (an
+        # experiment read from an object store) and it still beats.
+        return fresh and _alive(info)
+    return fresh
 
 
 class DriverLock:
@@ -82,6 +91,7 @@ class DriverLock:
     def __init__(self, exp_dir: str | Path, on_beat=None):
         self.path = Path(exp_dir) / LOCK_FILE
         self.on_beat = on_beat
+        self.mirror = None  # storage.Mirror of an experiment in an object store, pushed on every beat
         self.took_over: str | None = None
         self.started = time.time()
         self._fd: int | None = None
@@ -101,8 +111,11 @@ class DriverLock:
                 "wait for it to end, or stop it (Ctrl-C) and resume"
             ) from None
         before = _read(self.path)
-        if before and before.get("host") != socket.gethostname() and \
-                time.time() - self.path.stat().st_mtime < STALE_S:
+        here = before.get("host") == socket.gethostname()
+        # Another host's driver, or one here whose lock reached this folder as a copy (from an
+        # object store, where flock says nothing): alive while its lock is fresh.
+        if before and (not here or (before.get("pid") != os.getpid() and _alive(before)))\
+                and time.time() - self.path.stat().st_mtime < STALE_S:
             os.close(fd)
             raise TuneAgeError(
                 f"{self.path.parent.name!r} is being run by another driver ({_describe(before)}, its lock "

@@ -44,6 +44,11 @@ SAMPLERS = {
 }
 
 
+# study name -> the study's URL for this driver, set before a restore: the pickled searcher
+# holds the URL of the driver that began the search, whose working copy may be elsewhere.
+STUDY_URLS: dict[str, str] = {}
+
+
 class StudySearch(OptunaSearch):
     def __init__(
         self,
@@ -148,6 +153,7 @@ class StudySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self._study_url = STUDY_URLS.get(self._study_name, self._study_url)
         self._reconcile()
 
     def _reconcile(self) -> None:

@@ -46,6 +46,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# Experiment name -> its folder for this driver, set before a restore: what Ray unpickles
+# (this callback, the scheduler, the searcher) holds the paths of the driver that began the
+# search, whose folder may have been elsewhere (another machine's copy of an object store's).
+RELOCATED: dict[str, Path] = {}
+
+
+def relocated(path: str | Path) -> Path:
+    """`path`, a file in an experiment folder, in this driver's folder of that experiment."""
+    path = Path(path)
+    here = RELOCATED.get(path.parent.name)
+    return here / path.name if here is not None else path
+
+
 def read_trials(path: Path) -> dict[str, dict[str, Any]]:
     """The trial log as {trial_id: entry}; empty when there is none yet."""
     if not path.is_file():
@@ -88,6 +101,7 @@ class TrialLog(tune.Callback):
         # Tuner.restore unpickles this callback as it was when the search began;
         # the file on disk knows what happened since.
         self.__dict__.update(state)
+        self.path = relocated(self.path)
         self._load()
 
     def _entry(self, trial: Any) -> dict[str, Any]:
