@@ -79,14 +79,17 @@ def cluster():
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     temp_dir = tempfile.mkdtemp(prefix="ta_ray_", dir="/tmp")
-    port, worker_port = free_port(), free_port()
+    port, worker_port, dashboard = free_port(), free_port(), free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
-        subprocess.run(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+        # The dashboard serves Ray's job API, for `ray job submit` (ray[default]).
+        subprocess.run(["ray", "start", "--head", f"--port={port}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common],
                        env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", f"--node-manager-port={worker_port}",
                         *common], env=env, check=True, capture_output=True, timeout=120)
-        yield {"address": f"127.0.0.1:{port}", "env": env, "worker_marker": f"--node_manager_port={worker_port}"}
+        yield {"address": f"127.0.0.1:{port}", "env": env, "worker_marker": f"--node_manager_port={worker_port}",
+               "jobs": f"http://127.0.0.1:{dashboard}"}
     finally:
         kill_tree(temp_dir)
 
@@ -220,6 +223,23 @@ def test_a_search_in_an_object_store_survives_its_driver_and_resumes_from_an_emp
     assert len({t["last"]["node_id"] for t in exp.trials.values()}) == 2, exp.trials  # both nodes ran trials
     assert best_checkpoint(exp).path.is_file()  # checkpoints uploaded by the workers, read back
     assert not (first / "no-nfs").exists() and not (again / "no-nfs").exists()
+
+
+def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, cache_dir):
+    """The way most clusters are used: the search is a Ray job, its driver on the head."""
+    import json
+
+    runtime_env = json.dumps({"env_vars": {"TUNE_AGE_CACHE": str(cache_dir)}})
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", cluster["jobs"], "--runtime-env-json", runtime_env, "--",
+         "tune-age", "search", "--address", "auto", "--synthetic-n", str(SMALL_N), "--num-samples", "4",
+         "--max-epochs", "2", "--storage", str(tmp_path), "--name", "as-a-job", "--no-baseline", "--cv", "1"],
+        env=cluster["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "best val_acc" in proc.stdout  # the search's own summary, streamed back by the job
+    trials = read_trials(tmp_path / "as-a-job" / "trials.jsonl")
+    assert len(trials) == 4 and all(t["status"] in FINAL for t in trials.values())
+    assert len({t["last"]["node_id"] for t in trials.values()}) == 2
 
 
 # Last: it kills the worker node, which the tests above need.
