@@ -230,11 +230,16 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, cache_di
     import json
 
     runtime_env = json.dumps({"env_vars": {"TUNE_AGE_CACHE": str(cache_dir)}})
-    proc = subprocess.run(
-        ["ray", "job", "submit", "--address", cluster["jobs"], "--runtime-env-json", runtime_env, "--",
-         "tune-age", "search", "--address", "auto", "--synthetic-n", str(SMALL_N), "--num-samples", "4",
-         "--max-epochs", "2", "--storage", str(tmp_path), "--name", "as-a-job", "--no-baseline", "--cv", "1"],
-        env=cluster["env"], capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 120
+    while True:  # the head's job agent starts a few seconds after `ray start` returns
+        proc = subprocess.run(
+            ["ray", "job", "submit", "--address", cluster["jobs"], "--runtime-env-json", runtime_env, "--",
+             "tune-age", "search", "--address", "auto", "--synthetic-n", str(SMALL_N), "--num-samples", "4",
+             "--max-epochs", "2", "--storage", str(tmp_path), "--name", "as-a-job", "--no-baseline", "--cv", "1"],
+            env=cluster["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "best val_acc" in proc.stdout  # the search's own summary, streamed back by the job
     trials = read_trials(tmp_path / "as-a-job" / "trials.jsonl")

@@ -74,7 +74,8 @@ def test_resume_grows_a_finished_search_and_refuses_other_changes(local_ray, tmp
 
 
 def test_time_budget_stops_trials_tells_the_study_and_survives_resume(local_ray, tmp_path, capsys):
-    search = SearchConfig(space="quick", num_samples=40, max_epochs=3, storage=str(tmp_path),
+    # Trials of 30 epochs: one is running when the 24 s run out, however loaded the machine.
+    search = SearchConfig(space="quick", num_samples=40, max_epochs=30, storage=str(tmp_path),
                           name="budget", time_budget_min=0.4, cv=1, scheduler="fifo")
     run_search(search, DataConfig(synthetic_n=SMALL_N), progress=False)
     exp = load_experiment(tmp_path / "budget")

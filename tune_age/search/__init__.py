@@ -334,17 +334,24 @@ def run_search(
     mirror = _working_copy(search, exp_dir, name) if is_remote(search.storage) else None
     if search.resume:
         _check_resumable(exp_dir, name)  # before the lock, which would make the folder
+    held = False  # whether this driver held the lock (else the store's driver.lock is another's)
     try:
         with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
+            held = True
             if lock.took_over:
                 logging.getLogger("tune_age.progress").info(lock.took_over)
             lock.mirror = mirror
-            return _run(make_plan(search), search, data_cfg, progress, given, lock)
+            try:
+                out = _run(make_plan(search), search, data_cfg, progress, given, lock)
+            finally:
+                if mirror is not None and (exp_dir / META_FILE).is_file():
+                    mirror.push()  # the last word, whatever ended the run
     finally:
-        if mirror is not None and (exp_dir / META_FILE).is_file():
-            mirror.push()
-            mirror.drop_lock()
-            mirror.fetch_all()  # Ray's trial folders too, for the summary that follows
+        if mirror is not None and held:
+            mirror.drop_lock()  # this run's heartbeat: it has ended
+    if mirror is not None:
+        mirror.fetch_all()  # Ray's trial folders too, for the summary that follows
+    return out
 
 
 def _working_copy(search: SearchConfig, exp_dir: Path, name: str) -> Mirror:
@@ -364,6 +371,7 @@ def _working_copy(search: SearchConfig, exp_dir: Path, name: str) -> Mirror:
     if search.resume:
         mirror.pull()
     return mirror
+
 
 def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
          given: frozenset[str], lock: DriverLock) -> Path:

@@ -37,14 +37,15 @@ from ..errors import ConfigError, TuneAgeError
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("s3", "gs", "gcs")
 OWN_FILES = ("tune_age.json", "trials.jsonl", "split.csv", "study.db", "driver.lock", "rerun.json")
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
             "AWS_DEFAULT_REGION")
 
 
 def is_remote(uri: str | os.PathLike | None) -> bool:
-    return bool(uri) and urlparse(str(uri)).scheme in SCHEMES
+    """An object store or another pyarrow filesystem URI (s3://, gs://, local://...); a plain
+    path and file:// are not."""
+    return bool(uri) and "://" in str(uri) and urlparse(str(uri)).scheme not in ("", "file")
 
 
 def aws_env() -> dict[str, str]:
@@ -65,7 +66,7 @@ class Remote:
 
         uri = uri.rstrip("/")
         parsed = urlparse(uri)
-        if not parsed.netloc:
+        if parsed.scheme in ("s3", "gs", "gcs") and not parsed.netloc:
             raise ConfigError(f"--storage {uri}: no bucket; give {parsed.scheme}://BUCKET/PREFIX")
         try:
             if parsed.scheme == "s3":
@@ -74,10 +75,12 @@ class Remote:
                 if endpoint:
                     ep = urlparse(endpoint)
                     options.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
-                fs = pafs.S3FileSystem(**options)
-            else:
-                fs = pafs.GcsFileSystem()
-            path = (parsed.netloc + parsed.path).rstrip("/")
+                fs, path = pafs.S3FileSystem(**options), (parsed.netloc + parsed.path).rstrip("/")
+            elif parsed.scheme in ("gs", "gcs"):
+                fs, path = pafs.GcsFileSystem(), (parsed.netloc + parsed.path).rstrip("/")
+            else:  # any other filesystem pyarrow knows (local://, hdfs://, ...)
+                fs, path = pafs.FileSystem.from_uri(uri)
+                path = path.rstrip("/")
             fs.get_file_info(path)  # reaches the store: credentials, endpoint, bucket
         except Exception as exc:  # OSError from Arrow: refused connection, access denied, no bucket
             why = " ".join(str(exc).split())[:240]
@@ -224,7 +227,7 @@ def local_copy(uri: str) -> Path:
         raise TuneAgeError(f"{uri}: give the experiment's URI, {urlparse(uri).scheme}://BUCKET/PREFIX/NAME")
     remote = Remote.parse(parent)
     if not remote.exists(name, "tune_age.json"):
-        raise TuneAgeError(f"{uri}: not a tune_age experiment (no tune_age.json there)")
+        raise TuneAgeError(f"{uri} is not a tune_age experiment folder (no tune_age.json there)")
     target = remote.staging(name).with_name(f"{name}.copy")
     fresh = target.with_name(f".{name}.copy.{os.getpid()}.{time.time_ns()}")
     pafs.copy_files(remote.child(name), str(fresh), source_filesystem=remote.fs,
