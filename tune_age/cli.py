@@ -338,14 +338,14 @@ def _shown_default(text: str) -> str:
 def _add_results_commands(sub) -> None:
     p = sub.add_parser("dashboard", help="optuna-dashboard on an experiment's study (when installed)",
                        formatter_class=_Formatter)
-    p.add_argument("exp", help="the experiment folder")
+    p.add_argument("exp", help="the experiment folder, or its URI (s3://BUCKET/PREFIX/NAME)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=8080, help="port to serve on")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("trials", help="one row per trial of an experiment (works while it runs)",
                        formatter_class=_Formatter)
-    p.add_argument("exp", help="the experiment folder that `tune-age search` printed")
+    p.add_argument("exp", help="the experiment folder that `tune-age search` printed, or its URI")
     p.add_argument("--sort", help="a metric (best first: val_acc, val_f1, val_loss, ...) or a column "
                    "(ascending: lr, epochs, status, ...) " + _shown_default("the search's metric"))
     p.add_argument("--reverse", action="store_true", help="reverse the order")
@@ -364,7 +364,7 @@ def _add_results_commands(sub) -> None:
 
     p = sub.add_parser("report", help="report.md, report.html and plots: best configurations, "
                        "importance, curves, the best model on val and test", formatter_class=_Formatter)
-    p.add_argument("exp", help="the experiment folder")
+    p.add_argument("exp", help="the experiment folder, or its URI (s3://BUCKET/PREFIX/NAME)")
     p.add_argument("--out", help="output folder " + _shown_default("EXP/report"))
     p.add_argument("--top", type=int, default=5, help="configurations in the top table")
     p.add_argument("--rerun-top", type=int, default=0, metavar="K",
@@ -376,7 +376,7 @@ def _add_results_commands(sub) -> None:
 
     p = sub.add_parser("export", help="the best checkpoint over all epochs of all trials, as one file",
                        formatter_class=_Formatter)
-    p.add_argument("exp", help="the experiment folder")
+    p.add_argument("exp", help="the experiment folder, or its URI (s3://BUCKET/PREFIX/NAME)")
     p.add_argument("--out", default="best.pt", help="the file to write")
     p.add_argument("--metric", help="choose by this metric: val_acc, val_one_off, val_f1, "
                    "val_balanced_acc, val_loss or val_mae " + _shown_default("the search's"))
