@@ -174,8 +174,10 @@ def test_a_search_in_an_object_store_survives_its_driver_and_resumes_from_an_emp
     from tune_age.results.export import best_checkpoint
 
     env = {**cluster["env"], **object_store["env"]}
-    space = tmp_path / "slow.yaml"
-    space.write_text(SLOW_SPACE)
+    space = tmp_path / "slower.yaml"
+    # Trials of 30 epochs (several seconds each even on an idle machine): the store's trial
+    # log, uploaded every 5 s, shows one done while another runs.
+    space.write_text(SLOW_SPACE.replace("max_epochs: 6", "max_epochs: 30"))
     uri = "s3://tune-age/runs"
     args = ["search", "--address", cluster["address"], "--space", str(space), "--synthetic-n", str(SMALL_N),
             "--storage", uri, "--name", "no-nfs", "--no-baseline", "--scheduler", "fifo", "--cv", "1"]
@@ -213,10 +215,10 @@ def test_a_search_in_an_object_store_survives_its_driver_and_resumes_from_an_emp
     assert len(exp.trials) == 4 and all(t["status"] == "completed" for t in exp.trials.values()), exp.trials
     for trial_id in done:  # finished before the kill: no epoch of it trained again
         entry = exp.trials[trial_id]
-        assert entry["epochs"] == epochs_before[trial_id] == 6
+        assert entry["epochs"] == epochs_before[trial_id] == 30
         assert [s[1] for s in entry["scores"]] == [s[1] for s in trials[trial_id]["scores"]], (entry, trials[trial_id])
         lines = (exp.path / entry["dir"] / "result.json").read_text().splitlines()
-        assert [json.loads(ln)["epoch"] for ln in lines] == list(range(1, 7)), lines
+        assert [json.loads(ln)["epoch"] for ln in lines] == list(range(1, 31)), lines
         # (Ray's own state may not have uploaded the trial's end before the kill: then the new
         # driver starts it once more from its last checkpoint, which is its end, and it stops.)
         assert entry["starts"] <= 2, entry

@@ -452,6 +452,9 @@ def export_best(
     """Writes the best checkpoint of the experiment as one verified file (see the module doc);
     with `refit`, the best configuration retrained on train+val instead (results/refit.py)."""
     out = Path(out).expanduser()
+    if out.suffix in (".pt2", ".onnx"):
+        raise ConfigError(f"--out {out}: give the .pt file's name (best.pt); --pt2 and --onnx write "
+                          "theirs beside it")
     targets = [out] + ([program_path(out)] if program else []) + ([onnx_path(out)] if onnx else [])
     for target in targets:
         if target.is_dir():

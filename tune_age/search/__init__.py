@@ -35,7 +35,7 @@ from ..training.selection import SCORE_KEY
 from .lock import LOCK_FILE, DriverLock
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
-from .storage import DeferredDeletes, Mirror, Remote, aws_env, is_remote
+from .storage import OWN_FILES, DeferredDeletes, Mirror, Remote, aws_env, is_remote
 from .study import STUDY_FILE, check_storage, study_url
 from .tracking import FINAL, RELOCATED, TRIALS_FILE, TrialLog, read_trials, relocated, write_json_atomic
 
@@ -332,31 +332,61 @@ def run_search(
     if search.study_storage and not search.resume:
         check_storage(search.study_storage, name, fresh=True)
     mirror = _working_copy(search, exp_dir, name) if is_remote(search.storage) else None
-    if search.resume:
+    if search.resume and mirror is None:
         _check_resumable(exp_dir, name)  # before the lock, which would make the folder
-    held = False  # whether this driver held the lock (else the store's driver.lock is another's)
+    say = logging.getLogger("tune_age.progress").info
+    held = False  # whether this driver holds the store's driver.lock (else it is another's)
     try:
         with DriverLock(exp_dir) as lock:  # before anything reads the experiment's state
-            held = True
             if lock.took_over:
-                logging.getLogger("tune_age.progress").info(lock.took_over)
+                say(lock.took_over)
+            if mirror is not None:  # this machine's lock is ours: now the store's
+                took_over = _join_store(mirror, search.resume)
+                held = True
+                if took_over:
+                    say(took_over)
             lock.mirror = mirror
             try:
                 out = _run(make_plan(search), search, data_cfg, progress, given, lock)
             finally:
-                if mirror is not None and (exp_dir / META_FILE).is_file():
-                    mirror.push()  # the last word, whatever ended the run
+                if mirror is not None and held and (exp_dir / META_FILE).is_file():
+                    _quietly(mirror.push, "upload the experiment's last state to")  # whatever ended the run
     finally:
         if mirror is not None and held:
-            mirror.drop_lock()  # this run's heartbeat: it has ended
+            _quietly(mirror.drop_lock, "remove the driver's heartbeat from")
     if mirror is not None:
-        mirror.fetch_all()  # Ray's trial folders too, for the summary that follows
+        _quietly(mirror.fetch_all, "download the trials' folders for the summary from")
     return out
 
 
+def _join_store(mirror: Mirror, resume: bool) -> str | None:
+    """Under this machine's lock: refuses when a live driver elsewhere has the experiment,
+    pulls tune_age's files for a resume, and puts this driver's heartbeat in the store at
+    once; a message when a dead driver's heartbeat was there."""
+    try:
+        other = mirror.remote_driver()
+        if other is not None and other[0]:
+            raise TuneAgeError(f"{mirror.name!r} is being run by another driver ({other[1]}); wait for it "
+                               "to end, or stop it and resume")
+        if resume:
+            mirror.pull(tuple(f for f in OWN_FILES if f != LOCK_FILE))
+        mirror.push()
+    except OSError as exc:
+        raise TuneAgeError(f"{mirror.remote.uri}: {str(exc).splitlines()[0][:300]}") from None
+    return f"took over the lock of a driver that is no longer running ({other[1]})" if other else None
+
+
+def _quietly(step, what: str) -> None:
+    try:
+        step()
+    except OSError as exc:  # the store briefly away: said, without hiding why the run ended
+        log.warning("could not %s the object store: %s", what, str(exc).splitlines()[0][:300])
+
+
 def _working_copy(search: SearchConfig, exp_dir: Path, name: str) -> Mirror:
-    """The driver's working copy of an experiment in an object store: for a resume, the
-    store's tune_age files pulled into it; for a new search, the name checked free there."""
+    """The driver's working copy of an experiment in an object store, before its lock: the
+    name checked (there for a resume, free for a new search), an old copy cleared unless a
+    driver here still runs it. _join_store pulls the store's files, under the lock."""
     remote = remote_storage(search.storage)
     mirror = Mirror(exp_dir, remote, name)
     there = remote.exists(name, META_FILE)
@@ -366,10 +396,10 @@ def _working_copy(search: SearchConfig, exp_dir: Path, name: str) -> Mirror:
     if not search.resume and there:
         raise TuneAgeError(f"experiment {name!r} already exists in {remote.uri}; add --resume to continue it "
                            "or choose another --name (tune_age never overwrites a search)")
-    if exp_dir.exists() and not (exp_dir / LOCK_FILE).exists():
+    from .lock import driver_alive
+
+    if exp_dir.exists() and not driver_alive(exp_dir):
         shutil.rmtree(exp_dir)  # an old working copy: the store's files are the search's
-    if search.resume:
-        mirror.pull()
     return mirror
 
 
@@ -529,7 +559,7 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         tuner.fit()
     finally:
         if deletes is not None:  # Ray's final state is uploaded: nothing waits for them now
-            deletes.run(due_only=False)
+            deletes.uninstall()
     lock.beat()
     finish_statuses(plan, search, used_before + time.time() - lock.started)
     return plan.exp_dir

@@ -68,12 +68,24 @@ class MLflowRuns(MLflowLoggerCallback):
                                      step=int(result.get("epoch") or iteration))
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        import tempfile
+
+        import pyarrow.fs as pafs
+
         from ..results.export import best_of, trial_checkpoints
 
-        best = best_of(trial_checkpoints(Path(trial.path)), self.metric)
-        if best is not None:
-            run_id = self._trial_runs[trial]
-            client = self.mlflow_util._get_client()
-            client.log_artifacts(run_id, str(best.path.parent), artifact_path="best_checkpoint")
-            client.set_tag(run_id, "tune_age.best_epoch", str(best.epoch))
+        fs = trial.storage.storage_filesystem
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(trial.path)
+            if not isinstance(fs, pafs.LocalFileSystem):  # an object store: its checkpoints, copied here
+                folder = Path(tmp) / "trial"
+                for info in fs.get_file_info(pafs.FileSelector(trial.path)):
+                    if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+                        pafs.copy_files(info.path, str(folder / info.base_name), source_filesystem=fs)
+            best = best_of(trial_checkpoints(folder), self.metric)
+            if best is not None:
+                run_id = self._trial_runs[trial]
+                client = self.mlflow_util._get_client()
+                client.log_artifacts(run_id, str(best.path.parent), artifact_path="best_checkpoint")
+                client.set_tag(run_id, "tune_age.best_epoch", str(best.epoch))
         super().log_trial_end(trial, failed)

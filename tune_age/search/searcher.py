@@ -152,7 +152,17 @@ class StudySearch(OptunaSearch):
         return TrialState.COMPLETE, values if self._objectives else values[0]
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
+        # The pickled study storage would connect to the URL of the driver that began the
+        # search (its study.db may be on another machine): restore it unconnected, then open
+        # the study where this driver keeps it (_reconcile).
+        from optuna.storages import RDBStorage
+
+        connect = RDBStorage.__setstate__
+        RDBStorage.__setstate__ = lambda storage, state: storage.__dict__.update(state)
+        try:
+            super().restore(checkpoint_path)
+        finally:
+            RDBStorage.__setstate__ = connect
         self._study_url = STUDY_URLS.get(self._study_name, self._study_url)
         self._reconcile()
 
@@ -162,17 +172,18 @@ class StudySearch(OptunaSearch):
             study_name=self._study_name, storage=self._study_url, sampler=self._ot_study.sampler
         )
         self._ot_study = study
+        self._storage = study._storage  # (what restore unpickled is not connected: see restore)
         stored = {t._trial_id: t for t in study.get_trials(deepcopy=False)}
         known = set()
         for ray_id, old in list(self._ot_trials.items()):
             frozen = stored.get(old._trial_id)
             known.add(old._trial_id)
             if frozen is None:
+                del self._ot_trials[ray_id]
                 continue
             if frozen.state.is_finished():
                 self._completed_trials.add(ray_id)
-            else:
-                self._ot_trials[ray_id] = optuna.trial.Trial(study, old._trial_id)
+            self._ot_trials[ray_id] = optuna.trial.Trial(study, old._trial_id)  # bound to this study
         for t in stored.values():
             if t.state in (TrialState.RUNNING, TrialState.WAITING) and t._trial_id not in known:
                 # Asked for after the last experiment checkpoint: Ray will never run it.

@@ -67,7 +67,7 @@ class Remote:
         uri = uri.rstrip("/")
         parsed = urlparse(uri)
         if parsed.scheme in ("s3", "gs", "gcs") and not parsed.netloc:
-            raise ConfigError(f"--storage {uri}: no bucket; give {parsed.scheme}://BUCKET/PREFIX")
+            raise ConfigError(f"{uri}: no bucket; give {parsed.scheme}://BUCKET/PREFIX")
         try:
             if parsed.scheme == "s3":
                 endpoint = os.environ.get("AWS_ENDPOINT_URL")
@@ -81,11 +81,14 @@ class Remote:
             else:  # any other filesystem pyarrow knows (local://, hdfs://, ...)
                 fs, path = pafs.FileSystem.from_uri(uri)
                 path = path.rstrip("/")
-            fs.get_file_info(path)  # reaches the store: credentials, endpoint, bucket
+            bucket = fs.get_file_info(path.split("/")[0])  # reaches the store: endpoint, credentials
         except Exception as exc:  # OSError from Arrow: refused connection, access denied, no bucket
             why = " ".join(str(exc).split())[:240]
-            raise ConfigError(f"--storage {uri}: the object store could not be reached ({why}); check "
+            raise ConfigError(f"{uri}: the object store could not be reached ({why}); check "
                               "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the bucket") from None
+        if parsed.scheme in ("s3", "gs", "gcs") and bucket.type != pafs.FileType.Directory:
+            raise ConfigError(f"{uri}: there is no bucket {bucket.path!r} at "
+                              f"{os.environ.get('AWS_ENDPOINT_URL') or 'the store'}; create it first")
         return cls(uri, fs, path)
 
     def child(self, name: str) -> str:
@@ -111,14 +114,15 @@ class Mirror:
         self.local, self.remote, self.name = local, remote, name
         self._pushed: dict[str, tuple[float, int]] = {}
 
-    def pull(self) -> list[str]:
-        """Downloads tune_age's files of the experiment that the store holds; their names.
-        Each keeps the object's modification time (driver.lock's tells whether its driver lives)."""
+    def pull(self, files: tuple[str, ...] = OWN_FILES) -> list[str]:
+        """Downloads those of tune_age's files of the experiment that the store holds; their
+        names. Each keeps the object's modification time (driver.lock's tells whether its
+        driver lives)."""
         import pyarrow.fs as pafs
 
         self.local.mkdir(parents=True, exist_ok=True)
         got = []
-        for file in OWN_FILES:
+        for file in files:
             info = self.remote.fs.get_file_info(f"{self.remote.child(self.name)}/{file}")
             if info.type != pafs.FileType.File:
                 continue
@@ -126,6 +130,9 @@ class Mirror:
             tmp = target.with_name(f".{file}.download")
             with self.remote.fs.open_input_stream(info.path) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+            if file == "study.db":  # no journal of an earlier local copy may roll it back
+                for leftover in ("study.db-journal", "study.db-wal", "study.db-shm"):
+                    (self.local / leftover).unlink(missing_ok=True)
             os.replace(tmp, target)
             if info.mtime is not None:
                 stamp = info.mtime.timestamp()
@@ -139,8 +146,32 @@ class Mirror:
         st = path.stat()
         return st.st_mtime, st.st_size
 
+    def remote_driver(self) -> tuple[bool, str] | None:
+        """The store's driver.lock: (alive, who) where one is there, alive when its heartbeat
+        is fresh and it is another process; None when there is none."""
+        import json
+        import socket
+
+        from .lock import STALE_S, _alive
+
+        probe = self.local.parent / f".{self.name}.probe.{os.getpid()}"
+        try:
+            if "driver.lock" not in Mirror(probe, self.remote, self.name).pull(("driver.lock",)):
+                return None
+            lock = probe / "driver.lock"
+            info, age = json.loads(lock.read_text() or "{}"), time.time() - lock.stat().st_mtime
+        except ValueError:
+            return None
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+        here = info.get("host") == socket.gethostname()
+        alive = age < STALE_S and not (here and (info.get("pid") == os.getpid() or not _alive(info)))
+        return alive, (f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started "
+                       f"{info.get('started', '?')}, its heartbeat {age:.0f} s old")
+
     def push(self, force: bool = False) -> list[str]:
-        """Uploads each of tune_age's files that changed since it was last pushed, as a whole object."""
+        """Uploads each of tune_age's files that changed since it was last pushed, as a whole
+        object (the SQLite study as a consistent snapshot, never a file mid-commit)."""
         sent = []
         for file in OWN_FILES:
             path = self.local / file
@@ -148,7 +179,7 @@ class Mirror:
                 stamp = self._stamp(path)
                 if not force and self._pushed.get(file) == stamp:
                     continue
-                data = path.read_bytes()
+                data = _sqlite_snapshot(path) if file == "study.db" else path.read_bytes()
             except FileNotFoundError:
                 continue
             with self.remote.fs.open_output_stream(f"{self.remote.child(self.name)}/{file}") as out:
@@ -171,6 +202,22 @@ class Mirror:
             self.remote.fs.delete_file(f"{self.remote.child(self.name)}/driver.lock")
         except (FileNotFoundError, OSError):
             pass
+
+
+def _sqlite_snapshot(path: Path) -> bytes:
+    """The database's bytes as of one moment, by SQLite's online backup."""
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        src, dst = sqlite3.connect(path), sqlite3.connect(copy)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        return copy.read_bytes()
 
 
 class DeferredDeletes:
@@ -199,6 +246,14 @@ class DeferredDeletes:
         self._delete = checkpoint_manager._delete_fs_path
         checkpoint_manager._delete_fs_path = self._later
         return True
+
+    def uninstall(self) -> None:
+        """Ray deletes at once again (the search is over), after what still waits is deleted."""
+        self.run(due_only=False)
+        if self._delete is not None:
+            from ray.train._internal import checkpoint_manager
+
+            checkpoint_manager._delete_fs_path = self._delete
 
     def _later(self, fs: Any, fs_path: str) -> None:
         with self._lock:
