@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         by = frame[frame["size"] == size].set_index("approach")["acc"]
         verdicts.append(by["small search"] > by["linear probe"])
         verdicts.append(by["small search"] - by["scratch search"] >= 0.15)
-    print(f"RESULT small_data: " + "; ".join(
+    print("RESULT small_data: " + "; ".join(
         f"{s}: small {frame[(frame['size'] == s) & (frame.approach == 'small search')].acc.iloc[0]:.3f}, "
         f"probe {frame[(frame['size'] == s) & (frame.approach == 'linear probe')].acc.iloc[0]:.3f}, "
         f"scratch {frame[(frame['size'] == s) & (frame.approach == 'scratch search')].acc.iloc[0]:.3f}, "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 
 from tune_age.search.tracking import FINAL, read_trials
 
-from conftest import SMALL_N, run_cli
+from conftest import SMALL_N, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +34,6 @@ params:
   lr: {loguniform: [1.0e-3, 1.0e-2]}
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes() -> dict[int, tuple[int, str]]:

@@ -7,7 +7,6 @@ Each test fails on the code before its fix (the correctness issue lists them).
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np

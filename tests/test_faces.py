@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from PIL import Image
 from tune_age.cli import main
 from tune_age.config import DataConfig
 from tune_age.data import load_data
+
+from conftest import free_port
 
 FAIRFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fairface-540"
 needs_photos = pytest.mark.skipif(not FAIRFACE.is_dir() and os.environ.get("CI") != "true",
@@ -134,9 +135,7 @@ def test_a_mistyped_flag_gets_usage_and_the_nearest_flag_and_no_abbreviation(cap
 
 
 def test_dashboard_serves_the_experiments_study(small_search):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tune_age", "dashboard", str(small_search), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -671,7 +671,7 @@ def test_the_printed_best_configuration_trains_the_same_model(small_search, tmp_
     best = exp.best_trial()
     command = next(line for line in summary_lines(exp) if line.startswith("train it again: "))
     args = shlex.split(command.removeprefix("train it again: tune-age "))
-    assert f"epochs={exp.meta['max_epochs']}" in args and f"--synthetic-n" in args
+    assert f"epochs={exp.meta['max_epochs']}" in args and "--synthetic-n" in args
     proc = run_cli(*args, "--out", str(tmp_path / "again"))
     trained = {int(line.split()[1]): float(line.split("val_acc ")[1].split()[0])
                for line in proc.stdout.splitlines() if line.startswith("epoch ")}

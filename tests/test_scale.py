@@ -7,7 +7,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import SMALL_N
+from conftest import SMALL_N, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +40,7 @@ def postgres():
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = root / "data"
     subprocess.run([*run_as, initdb, "-D", str(data), "-U", "tune", "--auth=trust", "-E", "UTF8"],
                    check=True, capture_output=True)

@@ -15,7 +15,7 @@ from tune_age.errors import ConfigError
 from tune_age.results import load_experiment
 from tune_age.search import plan_resources, run_search
 
-from conftest import SMALL_N
+from conftest import SMALL_N, free_port
 
 pytestmark = pytest.mark.slow
 STATE_OF = {
@@ -144,15 +144,12 @@ def test_local_ray_gives_trial_workers_their_environment_and_prestarts_none(tmp_
 def test_optuna_dashboard_shows_every_trial_with_its_curve(small_search):
     """A real optuna-dashboard server on the search's study.db: every trial, the seed baseline
     included, with its epochs as a curve and its real start and end."""
-    import socket
     import time
     import urllib.request
 
     from tune_age.search.tracking import read_trials
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve = "import sys; from optuna_dashboard._cli import main; sys.exit(main())"  # its console script
     server = subprocess.Popen([sys.executable, "-c", serve, f"sqlite:///{small_search / 'study.db'}",
                                "--host", "127.0.0.1", "--port", str(port)],
@@ -208,13 +205,6 @@ def test_every_trial_writes_tensorboard_events_of_its_epochs(small_search):
             curve.update({event.step: v.simple_value for v in event.summary.value if v.tag == "ray/tune/val_acc"})
         assert curve == {r["epoch"]: pytest.approx(r["val_acc"]) for r in result_lines(folder)}
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from .lock import LOCK_FILE, DriverLock
 from .searcher import BASELINE_KEY
 from .spaces import Space, load_space, parse_space, seed_baseline
 from .storage import OWN_FILES, DeferredDeletes, Mirror, Remote, aws_env, is_remote
-from .study import STUDY_FILE, check_storage, study_url
+from .study import STUDY_FILE, check_storage, study_url  # noqa: F401  (STUDY_FILE: results imports it from here)
 from .tracking import FINAL, RELOCATED, TRIALS_FILE, TrialLog, read_trials, relocated, write_json_atomic
 
 log = logging.getLogger(__name__)
