@@ -53,12 +53,20 @@ print("search: 4 trials on cuda, side by side:", ", ".join(f"{t['trial_id']} {t[
 EOF
 
 step "export and predict"
-tune-age export "$work/results/gpu" --out "$work/best.pt" --torchscript || fail "tune-age export"
+tune-age export "$work/results/gpu" --out "$work/best.pt" --pt2 || fail "tune-age export --pt2"
 faces="$work/faces"
 tune-age synth "$faces" --n 8 --seed 5 >/dev/null || fail "tune-age synth"
 tune-age predict "$work/best.pt" "$faces" --device cuda --format csv | tee "$work/predict.csv" \
   || fail "tune-age predict --device cuda"
 rows=$(($(wc -l < "$work/predict.csv") - 1))
 [ "$rows" -eq 8 ] || fail "predict gave $rows rows for 8 faces"
+python - "$work/best.pt2" <<'EOF' || fail "the .pt2 program on cuda"
+import sys, torch
+from torch.export.passes import move_to_device_pass
+program = move_to_device_pass(torch.export.load(sys.argv[1]), "cuda").module()  # exported on the CPU
+probs = program(torch.randint(0, 256, (4, 3, 90, 70), dtype=torch.uint8, device="cuda"))
+assert probs.shape[0] == 4 and torch.allclose(probs.sum(1), torch.ones(4, device="cuda"), atol=1e-4), probs
+print(".pt2 program on cuda: probabilities of 4 non-square images sum to 1")
+EOF
 
 step "GPU CHECK PASSED"

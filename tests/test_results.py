@@ -496,7 +496,7 @@ def test_calibrated_export_divides_logits_by_the_fitted_temperature_everywhere(s
     # The fit minimizes the validation NLL: no worse there than the model as trained.
     from tune_age.results.export import split_images
 
-    z_images, labels = split_images(load_experiment(small_search), loaded.image_size, "val")
+    z_images, labels = split_images(load_experiment(small_search), loaded.image_size)["val"]
     z = predict_logits(loaded.model, z_images, norm=loaded.normalizer()).float()
     assert nll(z, labels, t) <= nll(z, labels) + 1e-6 and t == pytest.approx(fit_temperature(z, labels), rel=1e-3)
     code, _, err = run(capsys, "export", small_search, "--out", tmp_path / "r.pt", "--calibrate", "--refit")

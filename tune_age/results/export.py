@@ -415,15 +415,22 @@ def _write_onnx(loaded: LoadedModel, out: Path, images: torch.Tensor, provenance
     return {"path": out, **figures}
 
 
-def split_images(exp: Experiment, image_size: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of one of the search's splits at `image_size` (decoded once, cached)."""
-    from ..config import DataConfig
-    from ..data import load_data
+def split_images(exp: Experiment, image_size: int, splits: tuple[str, ...] = ("val",)
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{split: (images, labels)} of the search's own splits at `image_size`, the data loaded
+    once (decoding cached) and checked to be the search's (report.load_search_data): a
+    calibration or a self-check on other images would say nothing about this model."""
+    from .report import load_search_data
 
-    data = load_data(DataConfig.from_dict(exp.meta["data"]), [image_size], progress=False)
-    rows = data.splits[split]
-    return (torch.from_numpy(np.ascontiguousarray(data.images[image_size][rows])),
-            torch.from_numpy(np.asarray(data.labels[rows], dtype=np.int64)))
+    data, why = load_search_data(exp, [image_size])
+    if data is None:
+        raise TuneAgeError(f"{exp.path}: the search's validation images are needed, but {why}")
+    out = {}
+    for split in splits:
+        rows = data.splits[split]
+        out[split] = (torch.from_numpy(np.ascontiguousarray(data.images[image_size][rows])),
+                      torch.from_numpy(np.asarray(data.labels[rows], dtype=np.int64)))
+    return out
 
 
 def calibrate(exp: Experiment, loaded: LoadedModel) -> dict[str, Any]:
@@ -431,10 +438,8 @@ def calibrate(exp: Experiment, loaded: LoadedModel) -> dict[str, Any]:
     and on the test split (which the fit never sees); see calibration.calibration_figures."""
     from .calibration import calibration_figures
 
-    logits = {}
-    for split in ("val", "test"):
-        images, labels = split_images(exp, loaded.image_size, split)
-        logits[split] = (predict_logits(loaded.model, images, norm=loaded.normalizer()).float().cpu(), labels)
+    logits = {split: (predict_logits(loaded.model, images, norm=loaded.normalizer()).float().cpu(), labels)
+              for split, (images, labels) in split_images(exp, loaded.image_size, ("val", "test")).items()}
     return calibration_figures(logits)
 
 
@@ -521,7 +526,7 @@ def export_best(
     save_atomic(payload, out)
     _usual_mode(out)
     loaded = load_model(out)  # reads it back: hash, strict load and all
-    val_images = split_images(exp, loaded.image_size)[0] if program or onnx else None
+    val_images = split_images(exp, loaded.image_size)["val"][0] if program or onnx else None
     program_done = _write_program(loaded, program_path(out), val_images, payload["provenance"]) if program else None
     onnx_done = _write_onnx(loaded, onnx_path(out), val_images, payload["provenance"]) if onnx else None
     log.debug("exported trial %s epoch %d to %s", ref.trial_id, ref.epoch, out)
