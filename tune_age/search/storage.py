@@ -71,7 +71,10 @@ class Remote:
         try:
             if parsed.scheme == "s3":
                 endpoint = os.environ.get("AWS_ENDPOINT_URL")
-                options: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+                # allow_delayed_open: an object smaller than a part goes up in one PutObject, not
+                # a multipart upload (three requests, the last of which S3 may fail in a 200 OK)
+                options: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                                           "allow_delayed_open": True}
                 if endpoint:
                     ep = urlparse(endpoint)
                     options.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
