@@ -80,10 +80,13 @@ def cluster():
         subprocess.run(["ray", "start", "--head", f"--port={port}", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common],
                        env=env, check=True, capture_output=True, timeout=120)
+        # The worker node keeps its own cache folder, as a machine of its own would.
+        worker_cache = Path(temp_dir) / "worker-cache"
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", f"--node-manager-port={worker_port}",
-                        *common], env=env, check=True, capture_output=True, timeout=120)
+                        *common], env={**env, "TUNE_AGE_CACHE": str(worker_cache)}, check=True,
+                       capture_output=True, timeout=120)
         yield {"address": f"127.0.0.1:{port}", "env": env, "worker_marker": f"--node_manager_port={worker_port}",
-               "jobs": f"http://127.0.0.1:{dashboard}"}
+               "jobs": f"http://127.0.0.1:{dashboard}", "worker_cache": worker_cache}
     finally:
         kill_tree(temp_dir)
 
@@ -100,15 +103,30 @@ def node_ids(address: str, env: dict) -> dict[str, bool]:
     return {nid: head == "True" for nid, alive, head in rows if alive == "True"}
 
 
-def test_trials_run_on_both_nodes(cluster, tmp_path, monkeypatch):
+def test_trials_run_on_both_nodes_and_the_worker_fetches_mapped_images_once(cluster, tmp_path, monkeypatch):
+    """--memory-map on: trials on the head map the driver's decode-cache file; on the worker
+    node (its own cache folder) the first trial fetches it from the driver's node, the next
+    map that copy."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     nodes = node_ids(cluster["address"], cluster["env"])
     assert len(nodes) == 2
-    run_cli("search", "--address", cluster["address"], "--synthetic-n", str(SMALL_N), "--num-samples", "4",
-            "--max-epochs", "2", "--storage", str(tmp_path), "--name", "two-nodes", "--no-baseline", "--cv", "1")
+    proc = run_cli("search", "--address", cluster["address"], "--synthetic-n", str(SMALL_N), "--num-samples",
+                   "4", "--max-epochs", "2", "--storage", str(tmp_path), "--name", "two-nodes", "--no-baseline",
+                   "--cv", "1", "--memory-map", "on")
+    assert "images: memory-mapped from the decode cache" in proc.stdout + proc.stderr
     trials = read_trials(tmp_path / "two-nodes" / "trials.jsonl")
     assert len(trials) == 4 and all(t["status"] in FINAL for t in trials.values())
     assert {t["last"]["node_id"] for t in trials.values()} == set(nodes)
+    came = {head: [t["last"]["images_from"] for t in trials.values() if nodes[t["last"]["node_id"]] == head]
+            for head in (True, False)}
+    assert set(came[True]) == {"memory-mapped: the driver's file"}, came
+    fetched = [c for c in came[False] if c.startswith("memory-mapped: fetched from the driver's node")]
+    assert len(fetched) == 1 and came[False].count("memory-mapped: this node's copy") == len(came[False]) - 1, came
+    copies = sorted((cluster["worker_cache"] / "decoded").glob("*.npy"))  # one per image size searched
+    assert copies and {c.name for c in (cluster["worker_cache"] / "decoded").iterdir()} <= {
+        *(c.name for c in copies), *(f".{c.name}.lock" for c in copies)}
+    for copy in copies:
+        assert copy.read_bytes() == (Path(os.environ["TUNE_AGE_CACHE"]) / "decoded" / copy.name).read_bytes()
 
 
 # --- a cluster whose nodes share no folder: results in an S3-compatible store ----------------

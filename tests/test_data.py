@@ -224,14 +224,16 @@ def test_decode_cache_is_used_and_invalidated(tmp_path, monkeypatch, caplog):
     root = utk_folder(tmp_path / "utk", [5, 15, 25])
     paths = sorted(str(p) for p in root.iterdir())
     first = decode_images(paths, 16, progress=False)
-    assert list((tmp_path / "cache" / "decoded").glob("*.npz"))  # default dir under $TUNE_AGE_CACHE
+    folder = tmp_path / "cache" / "decoded"  # the default folder, under $TUNE_AGE_CACHE
+    assert len(list(folder.glob("*.npy"))) == 1 and len(list(folder.glob("*.json"))) == 1
+    assert isinstance(first[0], np.memmap) and not first[0].flags.writeable  # the cache file itself
 
     calls = []
     real = decode_mod.decode_one
     monkeypatch.setattr(decode_mod, "decode_one", lambda *a: calls.append(a) or real(*a))
     with caplog.at_level(logging.INFO, logger="tune_age.data.decode"):
         second = decode_images(paths, 16, progress=False)
-    assert calls == [] and "loaded from cache" in caplog.text
+    assert calls == [] and "mapped from cache" in caplog.text
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
 
     decode_images(paths, 20, progress=False)  # another size is another cache entry
@@ -239,6 +241,92 @@ def test_decode_cache_is_used_and_invalidated(tmp_path, monkeypatch, caplog):
     os.utime(paths[0], ns=(1, 1))  # a changed file invalidates the entry
     decode_images(paths, 16, progress=False)
     assert len(calls) == 6
+    for manifest in folder.glob("*.json"):  # an entry without its manifest is incomplete
+        manifest.unlink()
+    assert np.array_equal(decode_images(paths, 16, progress=False)[0], first[0]) and len(calls) == 9
+
+
+def test_images_stay_in_their_cache_file_and_travel_to_trials_by_reference(tmp_path):
+    """load_data maps the decode cache, and a dropped duplicate makes a file of the kept rows,
+    never a copy in memory; handed over by file, the data pickle without their pixels and a
+    trial maps the same rows again; small data under --memory-map auto go through Ray's
+    object store as plain arrays, as before."""
+    import pickle
+    import shutil
+
+    from tune_age.data.mapped import hand_over, reference
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "utk"
+    root.mkdir()
+    for i, age in enumerate([5, 15, 25, 35, 45, 55] * 4):
+        noise = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(root / f"{age}_{i % 2}_0_2017011{i:04d}.png")
+    shutil.copy(root / "5_0_0_20170110000.png", root / "5_0_0_20170119999.png")  # same bytes
+    data = load_data(DataConfig(path=str(root)), [16], progress=False)
+    assert len(data.paths) == 24 and len(data.skipped) == 1
+    images = data.images[16]
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    ref = reference(images)
+    assert ref is not None and ref.rows == 24 and "-" in Path(ref.path).stem  # the kept rows' own file
+    expected = np.stack([decode_one(p, 16) for p in data.paths])
+    assert np.array_equal(images, expected)
+
+    assert hand_over(data, "on", capacity=1e12, node="").startswith("memory-mapped")
+    blob = pickle.dumps(data)
+    assert len(blob) < images.nbytes / 2  # file names, not pixels
+    trial = pickle.loads(blob)
+    assert trial.images[16] is None and trial.open_mapped() == "memory-mapped: the driver's file"
+    assert np.array_equal(trial.images[16], expected)
+
+    small = load_data(DataConfig(path=str(root)), [16], progress=False)
+    assert hand_over(small, "auto", capacity=1e12, node="").startswith("in Ray's object store")
+    assert type(small.images[16]) is np.ndarray and not small.mapped
+    assert len(pickle.dumps(small)) > images.nbytes  # the pixels go along
+    big = load_data(DataConfig(path=str(root)), [16], progress=False)
+    assert hand_over(big, "auto", capacity=images.nbytes, node="").startswith("memory-mapped")
+
+
+def test_a_node_fetches_a_mapped_file_once_for_all_its_trials(tmp_path, monkeypatch):
+    """Four trials on a node without the driver's file start at once: one downloads it (in
+    chunks) under the node's lock, the others wait and map that copy; a short answer from
+    the driver's node is an error that leaves no copy behind."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tune_age.data import mapped
+
+    monkeypatch.setattr(mapped, "CHUNK", 4096)
+    source = tmp_path / "driver" / "key.npy"
+    source.parent.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 255, (40, 3, 16, 16), dtype=np.uint8)
+    np.save(source, pixels)
+    ref = mapped.MappedFile(str(source), 30, source.stat().st_size, node="driver-node")
+    downloads, lock = [], threading.Lock()
+
+    def reader(short: bool = False):
+        with lock:
+            downloads.append(1)
+
+        def read(offset: int, length: int):
+            with open(source, "rb") as f:
+                f.seek(offset)
+                got = f.read(length - (1 if short else 0))
+            return lambda: got
+        return read
+
+    target = tmp_path / "cache" / "decoded" / ref.name
+    with ThreadPoolExecutor(4) as pool:
+        took = list(pool.map(lambda _: mapped.fetch(target, ref.nbytes, reader), range(4)))
+    assert len(downloads) == 1 and sum(t is not None for t in took) == 1
+    assert target.read_bytes() == source.read_bytes()
+    rows, how = mapped.open_file(ref, node="worker-node")
+    assert how == "this node's copy" and np.array_equal(rows, pixels[:30])
+
+    target.unlink()
+    with pytest.raises(RuntimeError, match="bytes from the driver's node"):
+        mapped.fetch(target, ref.nbytes, lambda: reader(short=True))
+    assert not target.exists() and not list(target.parent.glob(".*.part.*"))
 
 
 def test_native_size(tmp_path):

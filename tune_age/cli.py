@@ -160,7 +160,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         resume=args.resume, seed=args.seed, scheduler=args.scheduler, searcher=args.searcher,
         baseline_first=not args.no_baseline, max_failures=args.max_failures, weights_dir=args.weights_dir,
         cv=args.cv, warm_start=args.warm_start, objectives=args.objectives, mlflow=args.mlflow,
-        study_storage=args.study_storage,
+        study_storage=args.study_storage, memory_map=args.memory_map,
     )
     exp_dir, _ = experiment_dir(search)
     fields = {"time_budget": "time_budget_min", "no_baseline": "baseline_first", "data": "path",
@@ -514,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-storage", metavar="URL", help="keep the Optuna study in this database "
                    "(postgresql://USER@HOST/DB; password by PGPASSWORD or ~/.pgpass) instead of study.db in "
                    "the experiment folder; PostgreSQL needs tune_age[postgres]")
+    p.add_argument("--memory-map", default="auto", metavar="{auto,on,off}",
+                   help="on: trials map the images from the decode cache file (shared by the page "
+                   "cache; nodes without it fetch it once), so the data may be larger than memory; "
+                   "off: they read them from Ray's object store; auto (default): on when the images "
+                   "take more than half of the driver node's object store")
     p.add_argument("--mlflow", metavar="URI", help="log each trial as a run on this MLflow tracking "
                    "server (parameters, per-epoch metrics, best checkpoint); needs tune_age[mlflow]")
     p.add_argument("--warm-start", metavar="EXP", help="seed the new search's study with the trials of "

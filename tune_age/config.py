@@ -301,8 +301,10 @@ class SearchConfig(_Config):
     objectives: Union[str, None] = None  # "val_acc,latency_ms": a multi-objective study, the metric first
     mlflow: Union[str, None] = None  # an MLflow tracking URI: each trial logged there as a run
     study_storage: Union[str, None] = None  # a database URL for the Optuna study; None: study.db in the folder
+    memory_map: str = "auto"  # trials map the decode cache (on), get the images from Ray's object store (off), or by size
 
-    _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS}
+    _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS,
+                "memory_map": ("auto", "on", "off")}
     _ranges = {
         "num_samples": (1, None),
         "max_epochs": (1, None),

@@ -1,8 +1,8 @@
-"""Everything a training run needs from the data, in memory: `load_data` -> `FaceData`.
+"""Everything a training run needs from the data: `load_data` -> `FaceData`.
 
 From a DataConfig: read the manifest (utkface folder, group folders or CSV; the built-in
 synthetic faces when `cfg.path` is None), decode every image once per requested size
-(cached on disk), drop what did not decode, split into train/val/test stratified by age
+(into the decode cache, which the images are mapped from: data/decode.py), drop what did not decode, split into train/val/test stratified by age
 group with a seed, and measure the per-channel mean/std on the train split only.
 
     data = load_data(DataConfig(path="~/data/UTKFace"), image_sizes=[64, "native"])
@@ -35,6 +35,7 @@ from .decode import (
     square_size,
 )
 from .duplicates import FINDERS
+from .mapped import MappedFile, select_rows
 from .groups import AgeGroups, make_groups
 from .sources import detect_format, read_manifest, require_two_groups
 
@@ -64,6 +65,32 @@ class FaceData:
     content: str = ""  # sha256 of the images' pixels, labels and split: the same data anywhere
     layout: str = ""  # "utkface", "folders" or "csv": how `root` is read
     root: Path | None = None  # the folder or CSV the paths were read from
+    # sizes whose images a search hands its trials by file (mapped.hand_over): pickled
+    # without their pixels, mapped again by open_mapped
+    mapped: dict[int, MappedFile] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.mapped:
+            state["images"] = {s: None if s in self.mapped else a for s, a in self.images.items()}
+        return state
+
+    def open_mapped(self) -> str:
+        """In a trial: maps the images handed over by file (fetching them to this node once
+        when they are on another); where they came from."""
+        if not self.mapped:
+            return "in Ray's object store"
+        import ray
+
+        from .mapped import file_server, open_file
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        refs = list(self.mapped.values())
+        how = set()
+        for size, ref in self.mapped.items():
+            self.images[size], came = open_file(ref, node, lambda: file_server(refs))
+            how.add(came)
+        return "memory-mapped: " + ", ".join(sorted(how))
 
     def people(self) -> pd.DataFrame:
         """Gender and race of each row ("" when unknown), where the layout carries them."""
@@ -222,7 +249,7 @@ def _decode_all(
         failed.update(bad)
     # Sizes normally fail on the same files; where not, keep only rows that decoded at all.
     images = {
-        s: imgs if len(kept) == usable.sum() else imgs[usable[kept]]
+        s: imgs if len(kept) == usable.sum() else select_rows(imgs, usable[kept])
         for s, (imgs, kept, _) in decoded.items()
     }
     return images, usable, list(failed.items())
@@ -309,7 +336,7 @@ def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool 
     for find in FINDERS[cfg.dedupe]:
         keep, dropped = find(table, groups, images[min(sizes)])
         table = _drop(table, keep, dropped, skipped, path)
-        images = {s: a[keep] for s, a in images.items()} if not keep.all() else images
+        images = {s: select_rows(a, keep) for s, a in images.items()}
     labels = table["group"].to_numpy(np.int64)
     require_two_groups(labels, groups, f"{path} (after leaving out undecodable and duplicate images)")
 

@@ -10,9 +10,14 @@ not an image) are skipped and reported, never fatal. Decoding runs on a thread p
     images, kept, skipped = decode_images(paths, 64)   # images[j] comes from paths[kept[j]]
     native_size(paths)                                 # 200 if every image is 200 x 200
 
-The result is cached under `<cache root>/decoded/` (cache root: $TUNE_AGE_CACHE or
-~/.cache/tune_age), keyed by every file's path, size and mtime, the image size, the square
-mode and DECODE_VERSION, so a second call with unchanged files loads instead of decoding.
+The result is the cache: `<cache root>/decoded/<key>.npy` (cache root: $TUNE_AGE_CACHE or
+~/.cache/tune_age), one uint8 array written row by row as the images decode, with its
+manifest `<key>.json` (rows kept, files skipped and why), keyed by every file's path, size
+and mtime, the image size, the square mode and DECODE_VERSION. The array comes back
+memory-mapped (read-only): a second call with unchanged files maps it instead of decoding,
+processes that map it share its pages through the page cache, and a data set larger than
+memory decodes and trains without ever being in memory whole (data/mapped.py). Where the
+cache cannot be written, the images are decoded into memory, as before.
 """
 
 from __future__ import annotations
@@ -169,7 +174,9 @@ def decode_images(
     workers: int | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """(images uint8 N_kept x 3 x S x S, kept int64 indices into paths, skipped (path, reason))."""
+    """(images uint8 N_kept x 3 x S x S, kept int64 indices into paths, skipped (path, reason)).
+    The images are the cache file's first N_kept rows, memory-mapped read-only, unless the
+    cache could not be written (then an array in memory)."""
     if square not in SQUARE_MODES:
         raise ConfigError(
             f"square={square!r} is not valid; choose one of {', '.join(SQUARE_MODES)}"
@@ -178,14 +185,14 @@ def decode_images(
         raise ConfigError(f"image_size={image_size!r} is not valid; use a positive pixel count")
     paths = [str(p) for p in paths]
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "decoded"
-    cache_file = cache_dir / f"{cache_key(paths, image_size, square)}.npz"
+    cache_file = cache_dir / f"{cache_key(paths, image_size, square)}.npy"
     cached = _load_cache(cache_file, len(paths), image_size)
     if cached is not None:
-        log.info("%d images at %dpx loaded from cache %s", len(cached[1]), image_size, cache_file)
+        log.info("%d images at %dpx mapped from cache %s", len(cached[1]), image_size, cache_file)
         return cached
 
     n, size = len(paths), image_size
-    out = np.empty((n, 3, size, size), dtype=np.uint8)
+    out, tmp = _new_cache(cache_file, (n, 3, size, size))
     reasons: dict[int, str] = {}
 
     def work(i: int) -> None:
@@ -199,24 +206,74 @@ def decode_images(
     # The pool's threads run one resize each: torch's own threads would only compete with them.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with _restore_threads(threads), ThreadPoolExecutor(_workers(workers, n)) as pool, tqdm(
-        total=n, desc=f"decoding {size}px", unit="img", file=sys.stderr,
-        disable=None if progress else True, leave=False,
-    ) as bar:
-        for future in as_completed([pool.submit(work, i) for i in range(n)]):
-            future.result()
-            bar.update()
+    try:
+        with _restore_threads(threads), ThreadPoolExecutor(_workers(workers, n)) as pool, tqdm(
+            total=n, desc=f"decoding {size}px", unit="img", file=sys.stderr,
+            disable=None if progress else True, leave=False,
+        ) as bar:
+            for future in as_completed([pool.submit(work, i) for i in range(n)]):
+                future.result()
+                bar.update()
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
 
     kept = np.array([i for i in range(n) if i not in reasons], dtype=np.int64)
     if reasons:  # move kept rows up in place, rather than copying the whole array
         for j, i in enumerate(kept):
             if i != j:
                 out[j] = out[i]
-        out = out[: len(kept)]
     skipped = [(paths[i], reasons[i]) for i in sorted(reasons)]
     log.info("decoded %d images at %dpx, %d skipped", len(kept), size, len(skipped))
-    _save_cache(cache_file, out, kept, skipped)
-    return out, kept, skipped
+    if tmp is None:  # no cache: the array in memory
+        return out[: len(kept)], kept, skipped
+    out.flush()  # the mapping closes with this call; the file is whole now
+    return _commit_cache(cache_file, tmp, kept, skipped)
+
+
+def _new_cache(file: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, Path | None]:
+    """A writable memory-mapped .npy beside `file` to decode into, and its temporary path;
+    an array in memory and None where the cache folder cannot be written."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".npy")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape), tmp
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # a read-only or full disk costs speed next time, not this run
+        log.warning("could not write decode cache %s (%s): decoding into memory", file, exc)
+        return np.empty(shape, dtype=np.uint8), None
+
+
+def _commit_cache(file: Path, tmp: Path, kept: np.ndarray, skipped: list):
+    """Renames the decoded array into place, then writes its manifest (what marks the entry
+    complete), and maps it."""
+    rows = len(kept)
+    try:
+        os.replace(tmp, file)
+    except OSError as exc:
+        log.warning("could not write decode cache %s: %s", file, exc)
+        images = np.array(np.load(tmp, mmap_mode="r")[:rows])
+        tmp.unlink(missing_ok=True)
+        return images, kept, skipped
+    try:
+        _write_manifest(file.with_suffix(".json"),
+                        {"rows": rows, "kept": kept.tolist(), "skipped": [list(s) for s in skipped]})
+    except OSError as exc:  # the array is whole: this run maps it, the next decodes again
+        log.warning("could not write decode cache manifest %s: %s", file.with_suffix(".json"), exc)
+    return np.load(file, mmap_mode="r")[:rows], kept, skipped
+
+
+def _write_manifest(file: Path, manifest: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=file.parent, prefix=f".{file.stem}.", suffix=".json",
+                                     delete=False) as handle:
+        json.dump(manifest, handle)
+    os.replace(handle.name, file)
 
 
 @contextlib.contextmanager
@@ -228,39 +285,20 @@ def _restore_threads(threads: int):
 
 
 def _load_cache(file: Path, n: int, size: int):
-    if not file.is_file():
+    """(images mapped read-only, kept, skipped) from a complete cache entry, or None."""
+    manifest = file.with_suffix(".json")
+    if not (file.is_file() and manifest.is_file()):
         return None
     try:
-        with np.load(file, allow_pickle=False) as z:
-            images, kept = z["images"], z["kept"].astype(np.int64)
-            skipped = list(zip(z["skipped_paths"].tolist(), z["skipped_reasons"].tolist()))
+        info = json.loads(manifest.read_text())
+        rows, kept = int(info["rows"]), np.array(info["kept"], dtype=np.int64)
+        skipped = [(str(p), str(r)) for p, r in info["skipped"]]
+        images = np.load(file, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # a damaged cache is only a lost shortcut
         log.warning("ignoring unreadable decode cache %s: %s", file, exc)
         return None
-    if images.shape != (len(kept), 3, size, size) or len(kept) + len(skipped) != n:
+    if (images.dtype != np.uint8 or images.shape[1:] != (3, size, size) or len(images) < rows
+            or len(kept) != rows or rows + len(skipped) != n):
         log.warning("ignoring decode cache %s: its shape does not match the inputs", file)
         return None
-    return np.ascontiguousarray(images), kept, skipped
-
-
-def _save_cache(file: Path, images: np.ndarray, kept: np.ndarray, skipped: list) -> None:
-    """Writes to a temporary file and renames it, so readers never see half a cache."""
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=file.parent, prefix=file.stem, suffix=".tmp", delete=False
-        ) as handle:
-            tmp = handle.name
-            np.savez(
-                handle,
-                images=images,
-                kept=kept,
-                skipped_paths=np.array([p for p, _ in skipped], dtype=str),
-                skipped_reasons=np.array([r for _, r in skipped], dtype=str),
-            )
-        os.replace(tmp, file)
-    except OSError as exc:  # a read-only or full disk costs speed next time, not this run
-        log.warning("could not write decode cache %s: %s", file, exc)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+    return images[:rows], kept, skipped

@@ -27,6 +27,7 @@ from ray.tune.schedulers import ASHAScheduler
 from .. import __version__
 from ..config import DataConfig, SearchConfig, TrainConfig
 from ..data import FaceData, load_data
+from ..data.mapped import file_server, hand_over, store_capacity
 from ..errors import ConfigError, TuneAgeError
 from ..models import min_image_size
 from ..models.weights import pretrained_state, weights_digest
@@ -459,6 +460,11 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     cpus, gpus = plan_resources(search, ray.cluster_resources())
     say = logging.getLogger("tune_age.progress").info
     say(f"data: {data.source}; groups: {', '.join(data.groups.names)}")
+    say("images: " + hand_over(data, search.memory_map, store_capacity(), ray.get_runtime_context().get_node_id()))
+    # Trials on other nodes fetch a mapped file from the driver's node once per node; the
+    # server lives as long as this reference (a node that joins later starts it, if need be).
+    server = file_server(list(data.mapped.values())) if data.mapped and len(
+        [n for n in ray.nodes() if n.get("Alive")]) > 1 else None
     say(f"space: {plan.space.source} ({len(plan.space.searched)} searched parameters); "
     f"{plan.num_samples} trials x up to {plan.max_epochs} epochs; "
     f"{cpus:g} CPU and {gpus:g} GPU per trial")
@@ -486,7 +492,8 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         {"cpu": cpus, "gpu": gpus},
     )
     # with_parameters has put the data into Ray's object store, where every trial on this
-    # node maps it; the driver's own decoded copy would only hold the data set twice.
+    # node maps it (or, for images handed over by file, their file names); the driver's own
+    # copy would only hold the data set twice.
     del data
     callbacks = [TrialLog(plan.exp_dir, search.metric, search.mode, plan.max_epochs)]
     if search.mlflow:
@@ -560,6 +567,7 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     finally:
         if deletes is not None:  # Ray's final state is uploaded: nothing waits for them now
             deletes.uninstall()
+        del server  # the mapped files' server (if any) ends with the trials
     lock.beat()
     finish_statuses(plan, search, used_before + time.time() - lock.started)
     return plan.exp_dir
@@ -627,7 +635,8 @@ def finish_statuses(plan: Plan, search: SearchConfig, used_s: float) -> None:
 # Ray's stopper and our heartbeat (lock.HEARTBEAT_S) each lose a few seconds of a killed
 # driver's time: a search within this of its budget has used it up.
 BUDGET_SLACK_S = 10.0
-KEPT_ON_RESUME = ("name", "storage", "address", "resume", "num_samples", "weights_dir", "cache_dir")
+KEPT_ON_RESUME = ("name", "storage", "address", "resume", "num_samples", "weights_dir", "cache_dir",
+                  "memory_map")
 FLAGS = {"time_budget_min": "--time-budget", "baseline_first": "--no-baseline", "path": "--data",
          "format": "--layout"}
 
@@ -638,7 +647,8 @@ def resumed_settings(meta: dict, search: SearchConfig, data_cfg: DataConfig,
     value other than the default) that differs from the search's is a ConfigError naming both;
     --num-samples may only grow the search; where to find Ray, results and weights may change."""
     own = SearchConfig.from_dict({**meta["search"], "resume": True, "address": search.address,
-                                  "storage": search.storage, "weights_dir": search.weights_dir})
+                                  "storage": search.storage, "weights_dir": search.weights_dir,
+                                  "memory_map": search.memory_map})
     own_data = DataConfig.from_dict(meta["data"])
     resolved = {"max_epochs": meta["max_epochs"], "num_samples": meta["num_samples"]}
     for mine, theirs, default in ((search, own, SearchConfig()), (data_cfg, own_data, DataConfig())):

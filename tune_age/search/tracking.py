@@ -144,7 +144,7 @@ class TrialLog(tune.Callback):
         keep = {k: v for k, v in result.items() if not isinstance(v, (dict, list)) or k == "gpu_ids"}
         entry["last"] = {k: keep[k] for k in keep if k.startswith(("val_", "train_")) or k in (
             "epoch", "images_per_sec", "node_id", "device", "gpu_ids", "diverged", "error", "baseline",
-            *MEASURES)}
+            "images_from", *MEASURES)}
         entry["epochs"] = int(result.get("epoch", entry["epochs"]))
         # A restored trial reports again from the epoch after its checkpoint: what it had
         # reported from there on was lost with the run that reported it.

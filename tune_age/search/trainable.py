@@ -73,6 +73,7 @@ def train_trial(config: dict[str, Any], data: FaceData, max_epochs: int, metric:
         "device": device.type,
         "gpu_ids": [str(g) for g in gpu_ids],
         "baseline": bool(config.get(BASELINE_KEY)),
+        "images_from": data.open_mapped(),  # from the object store, or mapped from a file (fetched once per node)
     }
     pretrained = (weights or {}).get(cfg.arch) if cfg.pretrained else None
     if cfg.pretrained and pretrained is None:
