@@ -53,7 +53,7 @@ def describe_skipped(skipped: list[tuple[str, str]], show: int = 3) -> str:
     return "; ".join(f"{Path(p).name}: {why}" for p, why in skipped[:show])
 
 
-def probabilities(loaded: LoadedModel, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def probabilities(loaded: LoadedModel, images: np.ndarray | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Softmax over the age groups for uint8 images N x 3 x S x S at the model's size."""
     x = as_tensor(np.asarray(images))
     logits = predict_logits(loaded.model, x, norm=loaded.normalizer(), batch_size=batch_size)
@@ -146,7 +146,7 @@ def evaluate_arrays(
     images: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
     ages: np.ndarray | torch.Tensor | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """engine.evaluate on decoded images; `mae` only when some ages are known."""
     # Copies: pandas hands out read-only arrays, which torch warns about sharing.

@@ -270,13 +270,29 @@ def train_one_epoch(
     }
 
 
+# Evaluation batches on the CPU hold about this many pixels (256 images at 64 px, 64 at 128 px):
+# a batch's activations are the largest block a CPU trial allocates, and glibc keeps it
+# for the next (training.MALLOPT), so 256 images at 128 px held ~0.5 GiB per trial for good.
+CPU_EVAL_PIXELS = 256 * 64 * 64
+
+
+def eval_batch(images: torch.Tensor, device: torch.device) -> int:
+    """Images per evaluation batch: 256, or on the CPU what CPU_EVAL_PIXELS allows (>= 8)."""
+    if device.type != "cpu" or not len(images):
+        return 256
+    height, width = images[:1].shape[-2:]  # a tensor, or a training.SplitView of one
+    return max(8, min(256, CPU_EVAL_PIXELS // max(1, height * width)))
+
+
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, *, norm: Normalizer | None, batch_size: int = 256,
+    model: nn.Module, images: torch.Tensor, *, norm: Normalizer | None, batch_size: int | None = None,
     amp: bool = False,
 ) -> torch.Tensor:
-    """Logits for every image, on the model's device, in input order."""
+    """Logits for every image, on the model's device, in input order; `batch_size` images at
+    a time (default: eval_batch)."""
     device = next(model.parameters()).device
+    batch_size = batch_size or eval_batch(images, device)
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -343,7 +359,7 @@ def evaluate(
     loss_fn: nn.Module | None = None,
     ages: torch.Tensor | None = None,
     centers: list[float] | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     amp: bool = False,
 ) -> dict[str, Any]:
     """Loss and classification metrics of `model` on a labelled set."""
