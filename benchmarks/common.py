@@ -223,8 +223,10 @@ def _name(pid: int) -> str:
 def memory_of(pid: int) -> dict[str, int] | None:
     """Bytes: Rss, Pss (each shared page split among its sharers), Private, the shared
     memory part of Rss and Pss (ShmRss, ShmPss: on a Ray node, almost all of it the object
-    store) and Anon (anonymous memory: the heap, numpy and torch arrays; neither shared
-    memory nor mapped files such as torch's libraries)."""
+    store), Anon (anonymous memory: the heap, numpy and torch arrays; neither shared
+    memory nor mapped files such as torch's libraries) and FilePss (the Pss of mapped files:
+    libraries, and a memory-mapped data file, whose clean pages the kernel may drop and read
+    again; Pss - FilePss is what it cannot, without swap)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             rollup = f.read()
@@ -241,7 +243,7 @@ def memory_of(pid: int) -> dict[str, int] | None:
     return {"Rss": kb.get("Rss", 0), "Pss": kb.get("Pss", 0),
             "Private": kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0),
             "ShmRss": kb.get("RssShmem", 0), "ShmPss": kb.get("Pss_Shmem", 0),
-            "Anon": kb.get("Anonymous", 0)}
+            "Anon": kb.get("Anonymous", 0), "FilePss": kb.get("Pss_File", 0)}
 
 
 class Sampler:
@@ -325,7 +327,7 @@ def _sample(root: int, interval: float, memory: bool, roles: dict) -> dict:
 
 
 def _sample_memory(pids: list[int], roles: dict, res: dict, t: float) -> None:
-    total = {"Pss": 0, "Rss": 0}
+    total = {"Pss": 0, "Rss": 0, "Held": 0}
     by_role: dict[str, dict[str, int]] = {}
     for pid in pids:
         mem = memory_of(pid)
@@ -337,9 +339,11 @@ def _sample_memory(pids: list[int], roles: dict, res: dict, t: float) -> None:
             r[key] += value
         total["Pss"] += mem["Pss"]
         total["Rss"] += mem["Rss"]
+        total["Held"] += mem["Pss"] - mem["FilePss"]
     res["samples"] += 1
     res["series"].append((round(t, 1), total["Pss"], total["Rss"]))
     res["peak"]["Rss"] = max(res["peak"]["Rss"], total["Rss"])
+    res["peak"]["Held"] = max(res["peak"].get("Held", 0), total["Held"])  # Pss less mapped files
     if total["Pss"] >= res["peak"]["Pss"]:
         res["peak"]["Pss"] = total["Pss"]
         res["at_peak"] = by_role

@@ -2,7 +2,8 @@
 
 The driver decodes the data once and hands it to every trial through
 `tune.with_parameters`, so trials read the images from Ray's object store
-(zero-copy on the same node) and never touch the image files. Each epoch
+(zero-copy on the same node), or map the driver's decode-cache file
+(data/mapped.py), and never touch the image files. Each epoch
 reports the metrics and a checkpoint; a restarted trial continues from
 `tune.get_checkpoint()`, and one that had already finished (its last
 checkpoint holds every epoch) ends at once without training or reporting again.
