@@ -301,7 +301,7 @@ class SearchConfig(_Config):
     objectives: Union[str, None] = None  # "val_acc,latency_ms": a multi-objective study, the metric first
     mlflow: Union[str, None] = None  # an MLflow tracking URI: each trial logged there as a run
     study_storage: Union[str, None] = None  # a database URL for the Optuna study; None: study.db in the folder
-    memory_map: str = "auto"  # trials map the decode cache (on), get the images from Ray's object store (off), or by size
+    memory_map: str = "auto"  # trials map the decode cache (on) or read Ray's object store (off); auto: by size
 
     _choices = {"metric": tuple(METRICS), "scheduler": SCHEDULERS, "searcher": SEARCHERS,
                 "memory_map": ("auto", "on", "off")}

@@ -2,8 +2,9 @@
 
 From a DataConfig: read the manifest (utkface folder, group folders or CSV; the built-in
 synthetic faces when `cfg.path` is None), decode every image once per requested size
-(into the decode cache, which the images are mapped from: data/decode.py), drop what did not decode, split into train/val/test stratified by age
-group with a seed, and measure the per-channel mean/std on the train split only.
+(into the decode cache, which the images are mapped from: data/decode.py), drop what did
+not decode, split into train/val/test stratified by age group with a seed, and measure
+the per-channel mean/std on the train split only.
 
     data = load_data(DataConfig(path="~/data/UTKFace"), image_sizes=[64, "native"])
     x = data.images[data.resolve_size(64)][data.splits["train"]]   # uint8 N x 3 x 64 x 64

@@ -460,7 +460,8 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
     cpus, gpus = plan_resources(search, ray.cluster_resources())
     say = logging.getLogger("tune_age.progress").info
     say(f"data: {data.source}; groups: {', '.join(data.groups.names)}")
-    say("images: " + hand_over(data, search.memory_map, store_capacity(), ray.get_runtime_context().get_node_id()))
+    here = ray.get_runtime_context().get_node_id()
+    say("images: " + hand_over(data, search.memory_map, store_capacity(), here))
     # Trials on other nodes fetch a mapped file from the driver's node once per node; the
     # server lives as long as this reference (a node that joins later starts it, if need be).
     server = file_server(list(data.mapped.values())) if data.mapped and len(
