@@ -73,6 +73,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=128, help="pixels (default 128, the faces' own)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per trial (default 1)")
     p.add_argument("--quick", action="store_true", help="3,000 faces at 96 px, 1 epoch")
+    p.add_argument("--keep", action="store_true", help="keep the drawn faces and the decode cache")
     args = p.parse_args(argv)
     if args.quick:
         args.synthetic_n, args.image_size, args.epochs = 3000, 96, 1
@@ -187,6 +188,12 @@ def main(argv=None) -> int:
           f"{common.mib(a['peak']['Held'])} (PSS {common.mib(a['peak']['Pss'])}) < data: {common.verdict(held)} "
           f"[(b) held {common.mib(b['peak']['Held'])}]; epochs {speed['a']:.0f} vs {speed['b']:.0f} img/s = "
           f"{ratio:.2f} x (target >= {SPEED_TARGET}): {common.verdict(fast)}")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)  # the drawn faces and their decode cache: GiBs
+    else:
+        print(f"kept: {work}")
     return 0 if finished and mapped and once else 1
 
 
