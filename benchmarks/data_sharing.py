@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     for i, (label, r) in enumerate(rows.items(), 1):
         print(f"search {i} driver: {r['decodes']} images decoded; log: "
               + " | ".join(r["lines"]) if r["lines"] else "(no decode log line)")
-    cached = own["decodes"] == 0 and any("loaded from cache" in line for line in own["lines"])
+    cached = own["decodes"] == 0 and any("mapped from cache" in line for line in own["lines"])
 
     share = lambda r: statistics.median(x["share"] for x in r["trials"])  # noqa: E731
     first = lambda r: statistics.median(x["to_first"] for x in r["trials"])  # noqa: E731

@@ -36,7 +36,6 @@ IN_FLIGHT = 4  # requests under way at once
 # --memory-map auto maps the images when they would take more than this share of the
 # object store of the driver's node (Ray's default store is 30 % of its memory).
 AUTO_SHARE = 0.5
-MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,8 @@ def _rows(path: Path, ref: MappedFile) -> np.ndarray:
     return images[: ref.rows]
 
 
-def fetch(target: Path, nbytes: int, reader: Callable[[], Callable[[int, int], list]]) -> float | None:
+def fetch(target: Path, nbytes: int, reader: Callable[[], Callable[[int, int], Callable[[], bytes]]]
+          ) -> float | None:
     """Makes `target` a whole copy (`nbytes` long) of the driver's file, unless this node
     has one: the first process here downloads it, the others wait on the lock and use it.
     `reader()` gives a function that asks for the bytes at (offset, length) and returns a
@@ -203,7 +203,8 @@ def hand_over(data, mode: str, capacity: float, node: str) -> str:
     share = f"{size / 2**20:,.0f} MiB of images, object store {capacity / 2**20:,.0f} MiB"
     wanted = mode == "on" or (mode == "auto" and size > AUTO_SHARE * capacity)
     if wanted and any(r is None for r in refs.values()):
-        why = f"the decoded images are not all in a cache file (is {cache_root() / 'decoded'} writable?)"
+        why = ("the decoded images are not all in a decode-cache file (the cache folder could not "
+               "be written: see the warning above)")
         if mode == "on":
             raise ConfigError(f"--memory-map on: {why}; fix the cache folder or use --memory-map off")
         log.warning("%s: the images go into the object store (%s)", why, share)
