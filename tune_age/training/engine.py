@@ -284,6 +284,22 @@ def eval_batch(images: torch.Tensor, device: torch.device) -> int:
     return max(8, min(256, CPU_EVAL_PIXELS // max(1, height * width)))
 
 
+def gather_batches(images, batch_size: int, fn, device: torch.device) -> torch.Tensor | None:
+    """fn(batch) for every `batch_size` images, in order, as one float32 tensor on `device`
+    (None for no images). The tensor is made at the first batch, so nothing kept per batch
+    sits between the freed batches' blocks in the heap: on the CPU, where freed memory stays
+    with the process (training.MALLOPT), a list of per-batch outputs fragmented it until each
+    batch took new memory (+216 MiB evaluating 9,600 images at 128 px; +8 MiB this way)."""
+    out = None
+    for start in range(0, len(images), batch_size):
+        y = fn(images[start:start + batch_size])
+        if out is None:
+            out = torch.empty((len(images), *y.shape[1:]), device=device)
+        out[start:start + len(y)] = y
+        del y
+    return out
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, images: torch.Tensor, *, norm: Normalizer | None, batch_size: int | None = None,
@@ -292,17 +308,16 @@ def predict_logits(
     """Logits for every image, on the model's device, in input order; `batch_size` images at
     a time (default: eval_batch)."""
     device = next(model.parameters()).device
-    batch_size = batch_size or eval_batch(images, device)
     model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(device, non_blocking=True)
         x = x.float() if norm is None else norm(x)
         with autocast_for(device, amp):
-            out.append(model(x).float())
-    if not out:
-        return torch.zeros((0, 0), device=device)
-    return torch.cat(out)
+            return model(x)
+
+    out = gather_batches(images, batch_size or eval_batch(images, device), logits, device)
+    return torch.zeros((0, 0), device=device) if out is None else out
 
 
 def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:

@@ -28,7 +28,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data.decode import cache_root
-from .engine import Normalizer
+from .engine import Normalizer, gather_batches
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,12 @@ def compute_features(model: torch.nn.Module, images: torch.Tensor, norm: Normali
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
     try:
-        for start in range(0, len(images), BATCH):
-            x = norm(images[start:start + BATCH].to(device, non_blocking=True))
-            out.append(model.embed(x).float().cpu())
+        out = gather_batches(images, BATCH, lambda batch: model.embed(norm(batch.to(device, non_blocking=True))),
+                             torch.device("cpu"))
     finally:
         model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return np.zeros((0, 0), np.float32) if out is None else out.numpy()
 
 
 def frozen_features(model: torch.nn.Module, images: torch.Tensor, norm: Normalizer, key: str,
