@@ -111,7 +111,7 @@ def timed_trainable(timing_dir, load=None):
         ray.cloudpickle.register_pickle_by_value(common)           # workers need not import us
     """
 
-    def trainable(config, data, max_epochs):
+    def trainable(config, data, max_epochs, **options):  # options: train_trial's keywords
         from ray import tune
 
         import tune_age.search.trainable as T
@@ -141,7 +141,7 @@ def timed_trainable(timing_dir, load=None):
 
         T.run_epoch, tune.report = run_epoch, report
         try:
-            real(config, data, max_epochs)
+            real(config, data, max_epochs, **options)
         finally:
             T.run_epoch, tune.report = real_epoch, real_report
             marks["ended"] = time.time()
