@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -82,3 +84,19 @@ def test_two_searches_at_once_on_one_storage_do_not_interfere(tmp_path):
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'study.db'}")
         assert {t.user_attrs["ray_trial_id"] for t in study.get_trials()} == set(trials)
     assert not set(read_trials(tmp_path / "left" / "trials.jsonl")) & set(read_trials(tmp_path / "right" / "trials.jsonl"))
+
+
+def test_a_search_whose_every_trial_fails_exits_non_zero_naming_the_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNE_AGE_TEST_CRASH", f"1:{tmp_path / 'crashed'}")
+    proc = run_cli("search", "--space", "quick", "--synthetic-n", str(SMALL_N), "--storage", str(tmp_path),
+                   "--name", "broken", "--num-samples", "2", "--max-epochs", "1", "--no-baseline",
+                   "--max-failures", "0", "--cv", "1", check=False)
+    trials = read_trials(tmp_path / "broken" / "trials.jsonl")
+    assert [t["status"] for t in trials.values()] == ["errored", "errored"]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    error = [ln for ln in proc.stderr.splitlines() if ln.startswith("tune-age: error:")]
+    assert len(error) == 1 and "every trial that ran failed (2 errored)" in error[0], proc.stderr
+    assert "injected crash at epoch 1" in error[0] and "Traceback" not in proc.stderr
+    traceback = Path(error[0].split("(traceback: ")[1].rstrip(")"))
+    assert traceback.parent.parent == tmp_path / "broken" and "injected crash" in traceback.read_text()
+    assert "no trial finished with a score" in proc.stdout and "tune-age export" not in proc.stdout

@@ -172,8 +172,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; the search state is saved. Resume with:\n  {resume_command(search)}")
         return EXIT_INTERRUPTED
     print()
-    for line in summary_lines(load_experiment(exp_dir)):
+    exp = load_experiment(exp_dir)
+    for line in summary_lines(exp):
         print(line)
+    errored = [t for t in exp.trials.values() if t["status"] == "errored"]
+    if errored and exp.best_trial() is None:  # nothing to export: a failure, not a result
+        first = errored[0]
+        print(f"tune-age: error: every trial that ran failed ({len(errored)} errored); trial "
+              f"{first['trial_id']}: {(first.get('errors') or ['?'])[-1]} (traceback: "
+              f"{exp.trial_dir(first) / 'error.txt'})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -547,6 +555,11 @@ def _setup_logging(verbose: bool) -> tuple:
         # warning that it is off (RAY_AUTH_MODE=disabled) still shows.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
             lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+        # A failed trial's traceback is in its error.txt; tune-age's lines name the error.
+        logging.getLogger("ray.tune.execution.tune_controller").addFilter(
+            lambda record: not record.getMessage().startswith("Trial task failed for trial"))
+        logging.getLogger("ray.tune.tune").addFilter(
+            lambda record: not record.getMessage().startswith("Trials did not complete"))
         # Ray's own end-of-run advice (Tuner.restore, metrics it could not fetch from
         # interrupted trials) is replaced by tune-age's summary and resume command.
         logging.getLogger("ray.tune").setLevel(logging.ERROR)

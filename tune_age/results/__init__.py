@@ -609,8 +609,9 @@ def summary_lines(exp: Experiment) -> list[str]:
         lines.append(f"trial {t['trial_id']} {t['status']} after {t['attempts']} attempt(s): {last_error(t)}")
     lines.append(f"experiment folder: {exp.path}")
     lines.append(f"next: tune-age trials {exp.path}")
-    lines.append(f"      tune-age report {exp.path}")
-    lines.append(f"      tune-age export {exp.path} --out best.pt")
+    if best:  # nothing to report or export otherwise
+        lines.append(f"      tune-age report {exp.path}")
+        lines.append(f"      tune-age export {exp.path} --out best.pt")
     return lines
 
 
