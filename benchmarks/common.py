@@ -142,6 +142,9 @@ def timed_trainable(timing_dir, load=None):
         T.run_epoch, tune.report = run_epoch, report
         try:
             real(config, data, max_epochs, **options)
+        except BaseException as exc:
+            marks["error"] = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             T.run_epoch, tune.report = real_epoch, real_report
             marks["ended"] = time.time()
@@ -159,7 +162,13 @@ def process_start(pid: int | str = "self") -> float:
 
 
 def read_timings(timing_dir) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(timing_dir).glob("*.json"))]
+    """The timed trials' marks; a benchmark whose trials failed stops here, saying why."""
+    trials = [json.loads(p.read_text()) for p in sorted(Path(timing_dir).glob("*.json"))]
+    failed = [t["error"] for t in trials if "error" in t]
+    if failed or not trials:
+        sys.exit(f"benchmark: {len(failed)} of {len(trials)} timed trial(s) failed"
+                 + (f"; the first: {failed[0]}" if failed else ""))
+    return trials
 
 
 def slot_gaps(trials: list[dict]) -> float:
