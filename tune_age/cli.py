@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .config import SearchConfig
-    from .results import load_experiment, summary_lines
+    from .results import last_error, load_experiment, summary_lines
     from .search import SearchInterrupted, experiment_dir, run_search
 
     search = _as_flags(SearchConfig, {"time_budget_min": "time_budget"})(
@@ -179,7 +179,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if errored and exp.best_trial() is None:  # nothing to export: a failure, not a result
         first = errored[0]
         print(f"tune-age: error: every trial that ran failed ({len(errored)} errored); trial "
-              f"{first['trial_id']}: {(first.get('errors') or ['?'])[-1]} (traceback: "
+              f"{first['trial_id']}: {last_error(first) or 'no message'} (traceback: "
               f"{exp.trial_dir(first) / 'error.txt'})", file=sys.stderr)
         return 1
     return 0
