@@ -4,8 +4,9 @@ K identical trials of TrainConfig's default model for E epochs on the built-in f
 (3,000), data decoded once (cached) before both sides:
 
   (a) tune_age: `tune_age.search.run_search` with a space whose parameters are all fixed,
-      FIFO, no seed baseline; timed from starting Ray to after `ray.shutdown()`, so it
-      includes Ray's start, trial start, per-epoch checkpoints and reports, and shutdown.
+      FIFO, no seed baseline; timed from calling it (Ray not started) to after
+      `ray.shutdown()`, so it includes loading the data from the cache and Ray's start (which
+      run_search overlaps), trial start, per-epoch checkpoints and reports, and shutdown.
   (b) plain: the same number of processes as the search runs trials at once
       (multiprocessing, spawn) with the same process settings as a trial (torch threads,
       tune_age.training.TRIAL_PROCESS_ENV, and on the CPU keep_freed_memory), each trial a
@@ -13,7 +14,7 @@ K identical trials of TrainConfig's default model for E epochs on the built-in f
       format, evaluating on the validation split after every epoch; timed from starting
       the pool to its end.
 
-Ratio a/b; target <= 1.10 for 8 trials x 3 epochs. Then where a's extra time goes: Ray's
+Ratio a/b; target <= 1.10 for 8 trials x 3 epochs, goal 1.05. Then where a's extra time goes: Ray's
 start and shutdown, the time before the first trial, each trial's start, the per-epoch
 reporting and checkpointing, and how much slower the training epochs themselves ran
 (Ray's own processes share the CPU).
@@ -35,7 +36,7 @@ import time
 
 import common
 
-TARGET = 1.10
+TARGET, GOAL = 1.10, 1.05
 ROLES = {  # command-line substring -> role, first match wins (common.Sampler)
     "overhead.py": "driver",
     "ray::ImplicitFunc": "trials",
@@ -145,19 +146,26 @@ def run_plain(args, data, slots: int, threads: int, channels_last: bool) -> dict
 def run_tune(args, storage, space_file, name: str, slots: int) -> dict:
     import ray
 
+    import tune_age.search
     import tune_age.search.trainable
     from tune_age.config import DataConfig, SearchConfig
-    from tune_age.search import run_search, start_ray
+    from tune_age.search import run_search
 
     search = SearchConfig(space=str(space_file), num_samples=args.trials, max_epochs=args.epochs,
                           scheduler="fifo", baseline_first=False, storage=str(storage), name=name)
     timing = common.fresh_dir("ta_bench_timing_")
     real = tune_age.search.trainable._untimed_train_trial = tune_age.search.trainable.train_trial
     tune_age.search.trainable.train_trial = common.timed_trainable(timing)
+    real_start, ray_start = tune_age.search.start_ray, []
+
+    def start_ray(*a, **kw):  # run_search starts Ray in a thread beside the data load: when?
+        ray_start.append(time.time())
+        real_start(*a, **kw)
+        ray_start.append(time.time())
+
+    tune_age.search.start_ray = start_ray
     try:
         t0 = time.time()
-        start_ray(None)
-        t_ray = time.time()
         run_search(search, DataConfig(synthetic_n=args.synthetic_n), progress=False)
         t_search = time.time()
         ray.shutdown()
@@ -165,9 +173,9 @@ def run_tune(args, storage, space_file, name: str, slots: int) -> dict:
     finally:
         tune_age.search.trainable.train_trial = real
         del tune_age.search.trainable._untimed_train_trial
-    parts = {"Ray start": t_ray - t0, **phases(common.read_timings(timing), slots, t_ray, t_search),
-             "ray.shutdown": t_end - t_search}
-    return {"wall": t_end - t0, "parts": parts}
+        tune_age.search.start_ray = real_start
+    parts = {**phases(common.read_timings(timing), slots, t0, t_search), "ray.shutdown": t_end - t_search}
+    return {"wall": t_end - t0, "parts": parts, "ray_start": ray_start[1] - ray_start[0]}
 
 
 def phases(trials: list[dict], slots: int, start: float, end: float) -> dict:
@@ -237,6 +245,8 @@ def main(argv=None) -> int:
         ma = statistics.median(a) if a else 0.0
         mb = statistics.median(b) if b else 0.0
         print(f"{name:>34} {ma:13.1f} {mb:10.1f} {ma - mb:+8.1f}")
+    print(f"(a)'s first row holds loading the data (from the cache) and Ray's start, which overlap: "
+          f"Ray took {common.spread([r['ray_start'] for r in tune])} s")
     b_train = [x for r in plain for t in r["trials"] for x in t["train_s"]]
     print(f"b's training epoch alone: {common.spread(b_train)} s")
     common.section("CPU seconds by process, medians over repeats (what competes with the trials)")
@@ -258,7 +268,7 @@ def main(argv=None) -> int:
     print(f"(a) tune_age run_search: {common.spread(a_wall)} s; (b) plain processes: {common.spread(b_wall)} s")
     print(f"RESULT overhead: {args.trials} trials x {args.epochs} epochs, {slots} at once: "
           f"(a) {statistics.median(a_wall):.1f} s, (b) {statistics.median(b_wall):.1f} s, a/b = {ratio:.3f}  "
-          f"(target <= {TARGET}: {common.verdict(ratio <= TARGET)})")
+          f"(target <= {TARGET}: {common.verdict(ratio <= TARGET)}; goal <= {GOAL}: {common.verdict(ratio <= GOAL)})")
     return 0
 
 

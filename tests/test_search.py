@@ -141,6 +141,49 @@ def test_local_ray_gives_trial_workers_their_environment_and_prestarts_none(tmp_
     assert probe["ours"] > 3 and probe["idle"] == 0  # Ray's processes found, no idle worker among them
 
 
+def test_ray_starts_while_the_data_loads_and_stops_when_the_data_is_bad(tmp_path):
+    # In a child process, as above. The images are unreadable, which only reading them finds.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("20_0_0_x.jpg", "35_1_2_y.jpg", "50_1_0_z.jpg"):
+        (broken / name).write_bytes(b"not an image")
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, subprocess, threading, time, ray\n"
+        "import tune_age.search as S\n"
+        "from tune_age.config import DataConfig, SearchConfig\n"
+        "from tune_age.errors import DataError\n"
+        "seen, start, load = {}, S.start_ray, S.load_data\n"
+        "def start_ray(*a, **k):\n"
+        "    seen['ray_in_main'] = threading.current_thread() is threading.main_thread()\n"
+        "    start(*a, **k)\n"
+        "    seen['ray_up'] = time.time()\n"
+        "def load_data(*a, **k):\n"
+        "    seen['load_in_main'] = threading.current_thread() is threading.main_thread()\n"
+        "    seen['load_began'] = time.time()\n"
+        "    return load(*a, **k)\n"
+        "S.start_ray, S.load_data = start_ray, load_data\n"
+        f"search = SearchConfig(space='quick', num_samples=1, max_epochs=1, storage={str(tmp_path)!r}, name='bad')\n"
+        "try:\n"
+        f"    S.run_search(search, DataConfig(path={str(broken)!r}), progress=False)\n"
+        "except DataError as exc:\n"
+        "    seen['error'] = str(exc)\n"
+        "seen['ray_after'] = ray.is_initialized()\n"
+        "ps = subprocess.run(['ps', '-o', 'args=', '--ppid', str(__import__('os').getpid())],\n"
+        "                    capture_output=True, text=True).stdout\n"
+        "seen['ray_processes_after'] = [a for a in ps.splitlines() if 'raylet' in a or 'gcs_server' in a]\n"
+        "print(json.dumps(seen))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["ray_in_main"] and not seen["load_in_main"]  # ray.init stays in the main thread
+    assert seen["load_began"] < seen["ray_up"]  # the data began loading before Ray was up
+    assert "has no readable image" in seen.get("error", ""), seen
+    # The search stopped before it began: Ray is stopped as if it had never started.
+    assert seen["ray_after"] is False and seen["ray_processes_after"] == []
+
+
 def test_optuna_dashboard_shows_every_trial_with_its_curve(small_search):
     """A real optuna-dashboard server on the search's study.db: every trial, the seed baseline
     included, with its epochs as a curve and its real start and end."""

@@ -295,19 +295,28 @@ def _check_evaluable(labels: np.ndarray, splits: dict[str, np.ndarray], groups: 
     return [groups.names[i] for i in small]
 
 
+def find_source(cfg: DataConfig) -> tuple[Path, str, str]:
+    """Where the config's images are, their layout and how to name them: the checks that fail
+    fast (no such folder, an empty one, an unknown layout), before any decoding. Without a
+    path, the built-in faces, drawn into the cache first if need be, which forks worker
+    processes: a caller about to start threads (a search starting Ray beside the data load)
+    calls this first."""
+    if cfg.path is None:
+        from .synthetic import ensure_synthetic  # lazily: only needed without a dataset
+
+        root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
+        path = Path(ensure_synthetic(n=cfg.synthetic_n, seed=cfg.synthetic_seed, cache_root=root))
+        return path, "utkface", f"synthetic faces (n={cfg.synthetic_n}, seed={cfg.synthetic_seed})"
+    path = Path(cfg.path).expanduser().absolute()
+    fmt = detect_format(path, make_groups(cfg.bins)) if cfg.format == "auto" else cfg.format
+    return path, fmt, f"{fmt} {'file' if path.is_file() else 'folder'}"
+
+
 def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool = True) -> FaceData:
     """Reads, decodes (at each of image_sizes; "native" allowed), splits and measures the data."""
     groups = make_groups(cfg.bins)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
-    if cfg.path is None:
-        from .synthetic import ensure_synthetic  # lazily: only needed without a dataset
-
-        path = Path(ensure_synthetic(n=cfg.synthetic_n, seed=cfg.synthetic_seed, cache_root=root))
-        fmt, what = "utkface", f"synthetic faces (n={cfg.synthetic_n}, seed={cfg.synthetic_seed})"
-    else:
-        path = Path(cfg.path).expanduser().absolute()
-        fmt = detect_format(path, groups) if cfg.format == "auto" else cfg.format
-        what = f"{fmt} {'file' if path.is_file() else 'folder'}"
+    path, fmt, what = find_source(cfg)
     if cfg.detect_faces:
         from .faces import aligned_source
 

@@ -16,17 +16,18 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune.schedulers import ASHAScheduler
 
 from .. import __version__
 from ..config import DataConfig, SearchConfig, TrainConfig
-from ..data import FaceData, load_data
+from ..data import FaceData, find_source, load_data
 from ..data.mapped import file_server, hand_over, store_capacity
 from ..errors import ConfigError, TuneAgeError
 from ..models import min_image_size
@@ -266,6 +267,45 @@ def start_ray(address: str | None, env: dict[str, str] | None = None) -> None:
                  runtime_env=runtime_env, _system_config={"prestart_worker_first_driver": False})
 
 
+def _load_checked(plan: Plan, search: SearchConfig, data_cfg: DataConfig, meta: dict | None,
+                  progress: bool) -> tuple[FaceData, int, str]:
+    """The search's data, checked against its plan (and a resumed search's own data), and
+    its cross-validation folds with why."""
+    data = load_data(data_cfg, image_sizes(plan), progress=progress)
+    check_plan(plan, data)
+    if meta is not None and not same_data(meta, data):
+        raise TuneAgeError(
+            f"the data of {plan.name!r} changed since the search started ({data.source}); "
+            "resume needs the same files; start a new search for new data"
+        )
+    if meta is not None:
+        return data, meta.get("cv", {}).get("folds", 1), "as the search began"
+    return data, *choose_folds(search, data)
+
+
+def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+    """Runs fn(*args, **kwargs) in a helper thread; returns the call that waits for its result
+    (or raises what it raised). A daemon: Ctrl-C does not wait for it."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # raised again in the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"tune_age-{fn.__name__}", daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    return result
+
+
 def write_meta(plan: Plan, search: SearchConfig, data_cfg: DataConfig, data: FaceData,
                cv: dict[str, Any], warm_start: dict | None = None) -> None:
     plan.exp_dir.mkdir(parents=True, exist_ok=True)
@@ -439,24 +479,28 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         warm_note = {"from": str(Path(search.warm_start).expanduser().resolve()), "trials": len(warm),
                      "left_out": dict(left_out)}
     weights = pretrained_weights(plan, search.weights_dir)
-    data = load_data(data_cfg, image_sizes(plan), progress=progress)
-    check_plan(plan, data)
-    if search.resume:
-        if not same_data(meta, data):
-            raise TuneAgeError(
-                f"the data of {plan.name!r} changed since the search started ({data.source}); "
-                "resume needs the same files; start a new search for new data"
-            )
-    folds, why = choose_folds(search, data)
-    if search.resume:
-        folds, why = meta.get("cv", {}).get("folds", 1), "as the search began"
+    find_source(data_cfg)  # fails fast on a bad path; draws the built-in faces (forks) before threads
+    # The data loads in a thread while Ray starts here (each takes seconds; ray.init stays in
+    # this thread: Linux stops the processes it starts when the thread that started them ends).
+    loaded = in_thread(_load_checked, plan, search, data_cfg, meta, progress)
+    remote = remote_storage(search.storage) if is_remote(search.storage) else None
     import ray
 
+    had_ray = ray.is_initialized()
+    try:
+        start_ray(search.address, aws_env() if remote else None)
+    except Exception:
+        loaded()  # bad data is the error to tell: it was found first before Ray started beside it
+        raise
+    try:
+        data, folds, why = loaded()
+    except BaseException:
+        if not had_ray:  # the search stops before it began: as if Ray had not been started
+            ray.shutdown()
+        raise
     if meta is not None and plan.num_samples > meta["num_samples"]:
         write_json_atomic(plan.exp_dir / META_FILE, {**meta, "num_samples": plan.num_samples})
     used_before = float((meta or {}).get("time_used_s", 0.0))
-    remote = remote_storage(search.storage) if is_remote(search.storage) else None
-    start_ray(search.address, aws_env() if remote else None)
     cpus, gpus = plan_resources(search, ray.cluster_resources())
     say = logging.getLogger("tune_age.progress").info
     say(f"data: {data.source}; groups: {', '.join(data.groups.names)}")
