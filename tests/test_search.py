@@ -14,6 +14,7 @@ from tune_age.config import DataConfig, SearchConfig
 from tune_age.errors import ConfigError
 from tune_age.results import load_experiment
 from tune_age.search import plan_resources, run_search
+from tune_age.search.tracking import read_trials
 
 from conftest import SMALL_N, free_port
 
@@ -141,47 +142,64 @@ def test_local_ray_gives_trial_workers_their_environment_and_prestarts_none(tmp_
     assert probe["ours"] > 3 and probe["idle"] == 0  # Ray's processes found, no idle worker among them
 
 
-def test_ray_starts_while_the_data_loads_and_stops_when_the_data_is_bad(tmp_path):
-    # In a child process, as above. The images are unreadable, which only reading them finds.
+def test_ray_starts_while_the_data_loads_and_the_driver_keeps_no_copy(tmp_path):
+    # In a child process, as above: first images that only decoding finds broken (the search
+    # stops Ray again), then a real one-trial search.
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("20_0_0_x.jpg", "35_1_2_y.jpg", "50_1_0_z.jpg"):
         (broken / name).write_bytes(b"not an image")
+    space = tmp_path / "space.yaml"
+    space.write_text("params: {image_size: 32, conv_layers: 2, channels: 8}\n")
     script = tmp_path / "probe.py"
     script.write_text(
-        "import json, subprocess, threading, time, ray\n"
+        "import gc, json, os, subprocess, threading, time, ray\n"
+        "from ray import tune\n"
         "import tune_age.search as S\n"
         "from tune_age.config import DataConfig, SearchConfig\n"
+        "from tune_age.data import FaceData\n"
         "from tune_age.errors import DataError\n"
-        "seen, start, load = {}, S.start_ray, S.load_data\n"
+        "seen, start, load, fit = {'runs': []}, S.start_ray, S.load_data, tune.Tuner.fit\n"
         "def start_ray(*a, **k):\n"
         "    seen['ray_in_main'] = threading.current_thread() is threading.main_thread()\n"
         "    start(*a, **k)\n"
-        "    seen['ray_up'] = time.time()\n"
+        "    seen['runs'][-1]['ray_up'] = time.time()\n"
         "def load_data(*a, **k):\n"
         "    seen['load_in_main'] = threading.current_thread() is threading.main_thread()\n"
-        "    seen['load_began'] = time.time()\n"
+        "    seen['runs'][-1]['load_began'] = time.time()\n"
         "    return load(*a, **k)\n"
-        "S.start_ray, S.load_data = start_ray, load_data\n"
-        f"search = SearchConfig(space='quick', num_samples=1, max_epochs=1, storage={str(tmp_path)!r}, name='bad')\n"
+        "def tuner_fit(self):\n"
+        "    gc.collect()\n"
+        "    seen['driver_face_data'] = sum(isinstance(o, FaceData) for o in gc.get_objects())\n"
+        "    return fit(self)\n"
+        "S.start_ray, S.load_data, tune.Tuner.fit = start_ray, load_data, tuner_fit\n"
+        "def search(name, data):\n"
+        "    seen['runs'].append({})\n"
+        f"    S.run_search(SearchConfig(space={str(space)!r}, num_samples=1, max_epochs=1, scheduler='fifo',\n"
+        f"                              baseline_first=False, storage={str(tmp_path)!r}, name=name),\n"
+        "                 data, progress=False)\n"
         "try:\n"
-        f"    S.run_search(search, DataConfig(path={str(broken)!r}), progress=False)\n"
+        f"    search('bad', DataConfig(path={str(broken)!r}))\n"
         "except DataError as exc:\n"
         "    seen['error'] = str(exc)\n"
         "seen['ray_after'] = ray.is_initialized()\n"
-        "ps = subprocess.run(['ps', '-o', 'args=', '--ppid', str(__import__('os').getpid())],\n"
-        "                    capture_output=True, text=True).stdout\n"
-        "seen['ray_processes_after'] = [a for a in ps.splitlines() if 'raylet' in a or 'gcs_server' in a]\n"
+        "ps = subprocess.run(['ps', '-o', 'args=', '--ppid', str(os.getpid())], capture_output=True, text=True)\n"
+        "seen['ray_processes_after'] = [a for a in ps.stdout.splitlines() if 'raylet' in a or 'gcs_server' in a]\n"
+        f"search('good', DataConfig(synthetic_n={SMALL_N}))\n"
         "print(json.dumps(seen))\n"
+        "ray.shutdown()\n"
     )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["ray_in_main"] and not seen["load_in_main"]  # ray.init stays in the main thread
-    assert seen["load_began"] < seen["ray_up"]  # the data began loading before Ray was up
-    assert "has no readable image" in seen.get("error", ""), seen
-    # The search stopped before it began: Ray is stopped as if it had never started.
+    assert all(run["load_began"] < run["ray_up"] for run in seen["runs"])  # data loading while Ray starts
+    assert "none of the 3 images could be decoded" in seen.get("error", ""), seen
+    # Bad data stopped the search before it began: Ray is stopped as if it had never started.
     assert seen["ray_after"] is False and seen["ray_processes_after"] == []
+    # The good search ran, and its driver dropped the data once they were in the object store.
+    assert seen["driver_face_data"] == 0
+    assert read_trials(tmp_path / "good" / "trials.jsonl")
 
 
 def test_optuna_dashboard_shows_every_trial_with_its_curve(small_search):
@@ -189,8 +207,6 @@ def test_optuna_dashboard_shows_every_trial_with_its_curve(small_search):
     included, with its epochs as a curve and its real start and end."""
     import time
     import urllib.request
-
-    from tune_age.search.tracking import read_trials
 
     port = free_port()
     serve = "import sys; from optuna_dashboard._cli import main; sys.exit(main())"  # its console script

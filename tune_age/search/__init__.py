@@ -284,8 +284,8 @@ def _load_checked(plan: Plan, search: SearchConfig, data_cfg: DataConfig, meta: 
 
 
 def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
-    """Runs fn(*args, **kwargs) in a helper thread; returns the call that waits for its result
-    (or raises what it raised). A daemon: Ctrl-C does not wait for it."""
+    """Runs fn(*args, **kwargs) in a helper thread; returns the call, to be made once, that
+    waits for its result (or raises what it raised). A daemon: Ctrl-C does not wait for it."""
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -300,8 +300,8 @@ def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[],
     def result() -> Any:
         thread.join()
         if "error" in out:
-            raise out["error"]
-        return out["value"]
+            raise out.pop("error")
+        return out.pop("value")  # held no longer here: the caller may drop it (the data set)
 
     return result
 
