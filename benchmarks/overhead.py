@@ -158,7 +158,7 @@ def run_tune(args, storage, space_file, name: str, slots: int) -> dict:
     tune_age.search.trainable.train_trial = common.timed_trainable(timing)
     real_start, ray_start = tune_age.search.start_ray, []
 
-    def start_ray(*a, **kw):  # run_search starts Ray in a thread beside the data load: when?
+    def start_ray(*a, **kw):  # run_search starts Ray while a thread loads the data: how long?
         ray_start.append(time.time())
         real_start(*a, **kw)
         ray_start.append(time.time())
