@@ -312,11 +312,13 @@ def find_source(cfg: DataConfig) -> tuple[Path, str, str]:
     return path, fmt, f"{fmt} {'file' if path.is_file() else 'folder'}"
 
 
-def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool = True) -> FaceData:
-    """Reads, decodes (at each of image_sizes; "native" allowed), splits and measures the data."""
+def load_data(cfg: DataConfig, image_sizes: Iterable[int | str], progress: bool = True,
+              source: tuple[Path, str, str] | None = None) -> FaceData:
+    """Reads, decodes (at each of image_sizes; "native" allowed), splits and measures the data;
+    `source`: what find_source(cfg) returned, when the caller called it already."""
     groups = make_groups(cfg.bins)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
-    path, fmt, what = find_source(cfg)
+    path, fmt, what = source or find_source(cfg)
     if cfg.detect_faces:
         from .faces import aligned_source
 

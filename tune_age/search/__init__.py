@@ -267,11 +267,11 @@ def start_ray(address: str | None, env: dict[str, str] | None = None) -> None:
                  runtime_env=runtime_env, _system_config={"prestart_worker_first_driver": False})
 
 
-def _load_checked(plan: Plan, search: SearchConfig, data_cfg: DataConfig, meta: dict | None,
-                  progress: bool) -> tuple[FaceData, int, str]:
-    """The search's data, checked against its plan (and a resumed search's own data), and
-    its cross-validation folds with why."""
-    data = load_data(data_cfg, image_sizes(plan), progress=progress)
+def _load_checked(plan: Plan, search: SearchConfig, data_cfg: DataConfig, source: tuple,
+                  meta: dict | None, progress: bool) -> tuple[FaceData, int, str]:
+    """The search's data (from find_source's `source`), checked against its plan (and a
+    resumed search's own data), and its cross-validation folds with why."""
+    data = load_data(data_cfg, image_sizes(plan), progress=progress, source=source)
     check_plan(plan, data)
     if meta is not None and not same_data(meta, data):
         raise TuneAgeError(
@@ -479,10 +479,10 @@ def _run(plan: Plan, search: SearchConfig, data_cfg: DataConfig, progress: bool,
         warm_note = {"from": str(Path(search.warm_start).expanduser().resolve()), "trials": len(warm),
                      "left_out": dict(left_out)}
     weights = pretrained_weights(plan, search.weights_dir)
-    find_source(data_cfg)  # fails fast on a bad path; draws the built-in faces (forks) before threads
+    source = find_source(data_cfg)  # fails fast on a bad path; draws built-in faces (forks) before threads
     # The data loads in a thread while Ray starts here (each takes seconds; ray.init stays in
     # this thread: Linux stops the processes it starts when the thread that started them ends).
-    loaded = in_thread(_load_checked, plan, search, data_cfg, meta, progress)
+    loaded = in_thread(_load_checked, plan, search, data_cfg, source, meta, progress)
     remote = remote_storage(search.storage) if is_remote(search.storage) else None
     import ray
 
