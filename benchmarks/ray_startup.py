@@ -2,14 +2,15 @@
 and whether an actor (a Tune trial is one) can start in a worker Ray started ahead of time.
 
 Each repeat runs in a fresh process, as a search does: `start_ray` (tune_age's settings),
-one actor like a Tune trial's (its runtime_env) asked for and answering, `ray.shutdown()`.
+one actor like a Tune trial's (its runtime_env) asked for and answering, the CPU Ray's own
+processes take over 20 s with nothing running (what trials share with them), `ray.shutdown()`.
 Then, with Ray's prestarted workers turned back on (and no job runtime_env), an actor asked
 for once the idle workers are up, with the runtime_env Tune gives every trial actor and with
 none: did Ray give it one of them (the process is older than the request) or start a new
 one? Only an idle worker Ray hands to a trial could have imported torch while the driver
 loads the data.
 
-    python benchmarks/ray_startup.py               # 5 repeats (about 1.5 min)
+    python benchmarks/ray_startup.py               # 5 repeats (about 3.5 min)
     python benchmarks/ray_startup.py --repeats 9
 """
 
@@ -30,6 +31,7 @@ import ray
 from ray.tune.execution.class_cache import DEFAULT_ENV_VARS
 from tune_age.search import start_ray
 prestart = sys.argv[1] == "prestart"
+IDLE_S = 20
 t_import = time.time()
 if prestart:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -53,6 +55,16 @@ for name, env in (("Tune's runtime_env", {"env_vars": dict(DEFAULT_ENV_VARS)}), 
     asked = time.time()
     pid = ray.get(cls.options(num_cpus=1).remote().pid.remote())
     out["actors"][name] = {"answered_s": time.time() - asked, "prestarted": started(pid) < asked - 0.5}
+if not prestart:  # what Ray's own processes take while nothing runs (trials share it)
+    sys.path.insert(0, os.path.dirname(sys.argv[2]))
+    import common
+    def ticks():
+        return {p: common._cpu_ticks(str(p)) for p in common.process_tree() if p != os.getpid()}
+    time.sleep(2)  # the probe actors' workers exit
+    before, t_idle = ticks(), time.time()
+    time.sleep(IDLE_S)
+    used = sum(t - before.get(p, 0) for p, t in ticks().items())  # per process: exits do not subtract
+    out["idle_cores"] = used / common.TICK / (time.time() - t_idle)
 t_down = time.time()
 ray.shutdown()
 out["ray.shutdown"] = time.time() - t_down
@@ -61,7 +73,8 @@ print(json.dumps(out))
 
 
 def child(mode: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, common.__file__], capture_output=True, text=True,
+                          timeout=300)
     if proc.returncode != 0:
         sys.exit(f"ray_startup: the {mode} child failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,6 +91,8 @@ def main(argv=None) -> int:
         print(f"{key:>34} {common.spread([r[key] for r in runs], '{:.2f}')}")
     first = [r["actors"]["Tune's runtime_env"]["answered_s"] for r in runs]
     print(f"{'first actor asked -> answered':>34} {common.spread(first, '{:.2f}')}")
+    idle = [100 * r["idle_cores"] for r in runs]
+    print(f"{'idle Ray, % of a core':>34} {common.spread(idle, '{:.1f}')}  (its processes, 20 s with nothing running)")
 
     warm = [child("prestart") for _ in range(min(args.repeats, 3))]
     common.section("Ray's prestarted workers on (its default), actors asked for once they are idle")
@@ -88,6 +103,7 @@ def main(argv=None) -> int:
                     for name in warm[0]["actors"])
     print(f"RESULT ray_startup: ray.init {common.spread([r['ray.init'] for r in runs], '{:.2f}')} s, "
           f"ray.shutdown {common.spread([r['ray.shutdown'] for r in runs], '{:.2f}')} s; "
+          f"idle Ray {common.spread(idle, '{:.1f}')} % of a core; "
           f"an actor got a prestarted worker: {got}")
     return 0
 
